@@ -1,0 +1,279 @@
+"""``grounding``: run stages, prepare datasets, inspect / verify / render shard sets."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from grounding import config as C
+
+app = typer.Typer(help="Reproducible teacher pipeline for weakly supervised visual grounding.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Prepare and describe canonical datasets.", no_args_is_help=True)
+shards_app = typer.Typer(help="Inspect, verify and render shard sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(shards_app, name="shards")
+console = Console()
+err = Console(stderr=True)
+
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file")
+SetOpt = typer.Option(None, "--set", "-s", help="override a param: key.path=value (repeatable)")
+
+
+def _params(path: str, overrides: list[str] | None) -> C.Params:
+    try:
+        return C.load(path, overrides or [])
+    except C.ConfigError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command("run")
+def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding stages`)"),
+              params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Run one stage (or reuse its cached output) and print where the output is."""
+    from grounding import stages
+
+    p = _params(params, set_)
+    try:
+        out = stages.run(stage, p)
+    except KeyError as e:
+        _fail(str(e.args[0]) if e.args else str(e), 2)
+    console.print(f"[green]{stage}[/green] → {out}")
+
+
+@app.command("stages")
+def list_stages() -> None:
+    """List the registered stages."""
+    from grounding import stages
+
+    t = Table("stage", "what it does")
+    for s in stages.STAGES.values():
+        t.add_row(s.name, s.description)
+    console.print(t)
+
+
+@app.command("demo")
+def demo(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
+         render_dir: str = typer.Option("data/demo", help="where the example picture goes")) -> None:
+    """Run the main job (every stage of the pipeline) on the configured dataset, the synthetic default
+    unless params say otherwise, and print where each output is."""
+    from grounding import stages
+    from grounding.render import render_row
+    from grounding.shards import ShardSet
+
+    p = _params(params, set_)
+    t = Table("stage", "output", "rows")
+    last = None
+    for name in stages.PIPELINE:
+        out = stages.run(name, p)
+        rows = "-"
+        if (out / "manifest.json").exists():
+            last = out
+            rows = f"{len(ShardSet(out)):,}"
+        t.add_row(name, str(out), rows)
+    console.print(t)
+    if last is not None:
+        s = ShardSet(last)
+        key = s.keys[0]
+        png = render_row(last, key, Path(render_dir) / f"{s.manifest.stage}-{key}.png")
+        console.print(f"example row rendered: {png}")
+        console.print(f"inspect: grounding shards ls data; grounding shards info {last}")
+
+
+# ---- data -----------------------------------------------------------------------------------------
+@data_app.command("prepare")
+def data_prepare(
+    format: str = typer.Option(None, "--format", "-f", help=f"one of {', '.join(C.DATASET_FORMATS)}"),
+    root: Optional[str] = typer.Option(None, "--root", help="annotation root (format-specific layout)"),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="image directory (default: --root)"),
+    name: Optional[str] = typer.Option(None, "--name", help="dataset name: output under data/prepared/<name>"),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="reader option key=value"),
+    on_error: Optional[str] = typer.Option(None, "--on-error", help="fail (default) or skip (recorded)"),
+    params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Read a dataset (or generate the synthetic one) into the canonical form."""
+    from grounding.data.prepare import prepare
+    from grounding.data.schema import DataError
+
+    overrides = list(set_ or [])
+    for flag, value in (("format", format), ("root", root), ("image_root", image_root), ("name", name),
+                        ("on_error", on_error)):
+        if value is not None:
+            overrides.append(f"dataset.{flag}={json.dumps(value)}")
+    overrides += [f"dataset.options.{o}" for o in option or []]
+    p = _params(params, overrides)
+    try:
+        ds = prepare(p)
+    except (DataError, C.ConfigError, KeyError) as e:
+        _fail(str(e))
+    console.print(f"prepared [bold]{ds.name}[/bold]: {len(ds.images)} images, {len(ds.refs)} sentences, "
+                  f"{len(ds.errors)} skipped → {p.prepared_dir()} (fingerprint {ds.fingerprint()[:12]})")
+
+
+@data_app.command("stats")
+def data_stats(path: Optional[str] = typer.Argument(None, help="prepared dataset dir (default from params)"),
+               params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Counts per split, box and sentence statistics of a prepared dataset."""
+    from grounding.data.schema import CanonicalDataset, DataError
+    from grounding.data.stats import dataset_stats
+
+    target = Path(path) if path else _params(params, set_).prepared_dir()
+    try:
+        ds = CanonicalDataset.load(target)
+    except DataError as e:
+        _fail(str(e))
+    st = dataset_stats(ds)
+    console.print(f"[bold]{ds.name}[/bold] ({target}) fingerprint {ds.fingerprint()[:12]}, "
+                  f"format {ds.source.get('format', '?')}, {st['images']} images, {st['skipped']} skipped items")
+    t = Table("split", "images", "sentences", "with box", "words/sentence", "box area / image", "box w×h (median)")
+    for split, s in st["splits"].items():
+        t.add_row(split, str(s["images"]), str(s["sentences"]), str(s["with_box"]), f"{s['words_mean']:.1f}",
+                  f"{s['area_frac_mean']:.3f}", f"{s['box_w_median']:.0f}×{s['box_h_median']:.0f}")
+    console.print(t)
+    if st["categories"]:
+        console.print("categories: " + ", ".join(f"{c} ({n})" for c, n in st["categories"].items()))
+
+
+# ---- shards ---------------------------------------------------------------------------------------
+def _open(path: str):
+    from grounding.shards import ShardError, ShardSet
+
+    try:
+        return ShardSet(path)
+    except ShardError as e:
+        _fail(str(e))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@shards_app.command("ls")
+def shards_ls(root: str = typer.Argument("data", help="directory searched for shard sets")) -> None:
+    """Table of the shard sets under ROOT: stage, level, rows, size, key, teacher."""
+    from grounding.shards import Manifest, ShardError
+
+    t = Table("path", "stage", "level", "rows", "shards", "size", "key", "teacher", "errors")
+    found = 0
+    for mpath in sorted(Path(root).rglob("manifest.json")):
+        try:
+            m = Manifest.load(mpath.parent)
+        except ShardError as e:
+            t.add_row(str(mpath.parent), "[red]unreadable[/red]", "", "", "", "", "", str(e)[:40], "")
+            continue
+        found += 1
+        teacher = m.teacher.get("name") or m.teacher.get("model") or m.teacher.get("library") or "-"
+        t.add_row(str(mpath.parent), m.stage, m.level, f"{m.n_rows:,}", str(len(m.shards)),
+                  _human(sum(s.size for s in m.shards)), m.stage_key[:12], str(teacher), str(len(m.errors)))
+    console.print(t if found or t.row_count else f"no shard sets under {root}")
+
+
+@shards_app.command("info")
+def shards_info(path: str) -> None:
+    """Manifest of one shard set: provenance, fields, shards, recorded errors."""
+    s = _open(path)
+    m = s.manifest
+    console.print(f"[bold]{m.stage}[/bold] at {path}: {m.n_rows:,} {m.level} rows in {len(m.shards)} shards "
+                  f"(format v{m.format_version}, grounding {m.package_version})")
+    console.print(f"stage key  {m.stage_key}")
+    console.print(f"teacher    {json.dumps(m.teacher, sort_keys=True)}")
+    console.print(f"params     {json.dumps(m.params, sort_keys=True)}")
+    console.print(f"inputs     {json.dumps(m.inputs, sort_keys=True)}")
+    extra = {k: (v if len(json.dumps(v)) < 200 else f"<{type(v).__name__} of {len(v)}>") for k, v in m.extra.items()}
+    console.print(f"extra      {json.dumps(extra, sort_keys=True)}")
+    t = Table("field", "dtype", "row shape", "meaning")
+    for f in m.fields:
+        t.add_row(f.name, f.dtype, ("K, " if f.ragged else "") + ", ".join(map(str, f.shape)), f.meaning)
+    console.print(t)
+    st = Table("shard", "rows", "items", "first key", "last key", "size", "sha256")
+    for sh in m.shards:
+        st.add_row(sh.file, str(sh.rows), f"{sh.item_start}+{sh.item_count}", str(sh.first_key), str(sh.last_key),
+                   _human(sh.size), sh.sha256[:12])
+    console.print(st)
+    if m.errors:
+        et = Table("item", "reason", title=f"{len(m.errors)} recorded errors")
+        for e in m.errors[:50]:
+            et.add_row(e.get("item", ""), e.get("reason", ""))
+        console.print(et)
+
+
+def summarize(arr: np.ndarray, max_values: int = 8) -> str:
+    """A one-line summary of an array: values when small, else shape and min/mean/max."""
+    if arr.size <= max_values:
+        return np.array2string(arr, precision=3, separator=", ", max_line_width=200)
+    a = arr.astype(np.float64)
+    return f"min {a.min():.4g} mean {a.mean():.4g} max {a.max():.4g} norm {np.linalg.norm(a):.4g}"
+
+
+@shards_app.command("show")
+def shards_show(path: str, key: str) -> None:
+    """One row: every field's dtype, shape and values (summarised when large)."""
+    s = _open(path)
+    try:
+        row = s.get(key)
+    except KeyError as e:
+        _fail(str(e.args[0]))
+    si, ri = s.locate(key)
+    t = Table("field", "dtype", "shape", "value", title=f"{key} ({s.manifest.shards[si].file}, row {ri})")
+    for name, v in row.items():
+        t.add_row(name, str(v.dtype), str(tuple(v.shape)), summarize(v))
+    console.print(t)
+
+
+@shards_app.command("verify")
+def shards_verify(paths: List[str] = typer.Argument(..., help="shard set directories")) -> None:
+    """Re-hash every shard and check the schema; non-zero exit on any mismatch."""
+    from grounding.shards import verify_shard_set
+
+    bad = 0
+    for path in paths:
+        r = verify_shard_set(path, progress=True)
+        if r.ok:
+            console.print(f"[green]OK[/green] {path}: {r.checked} shards, {r.rows:,} rows")
+        else:
+            bad += 1
+            for p in r.problems:
+                err.print(f"[red]FAIL[/red] {path}: {p}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@shards_app.command("render")
+def shards_render(path: str, key: str, out: str = typer.Option(..., "--out", "-o", help="output PNG"),
+                  dataset: Optional[str] = typer.Option(None, help="prepared dataset dir (default: from manifest)")) -> None:
+    """Draw one row over its image (boxes labelled, heat maps, sentence as title) into a PNG."""
+    from grounding.data.schema import DataError
+    from grounding.render import render_row
+    from grounding.shards import ShardError
+
+    try:
+        dest = render_row(path, key, out, dataset=dataset)
+    except (KeyError, ShardError, DataError) as e:
+        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    console.print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Canonical datasets and the readers of the formats users bring."""

@@ -1,0 +1,312 @@
+"""The canonical dataset: image and sentence records, validation, fingerprint, (de)serialisation.
+
+Every reader turns a user format into a :class:`CanonicalDataset`. Conventions:
+
+* ids are strings, stable across runs, unique (``image_id`` per image, ``ref_id`` per sentence/phrase);
+* image ``path`` is POSIX, relative to the dataset's image root, and may not escape it;
+* ``box`` is float32 ``xyxy`` in original-image pixels (see :mod:`grounding.boxes`), or ``None`` when the
+  sentence has no box (weak supervision never reads GT boxes during training, only evaluation);
+* ``mask`` is a COCO RLE ``{"size": [h, w], "counts": str}`` or ``None``;
+* ``orientation`` says how pixels are decoded: ``"none"`` (no EXIF rotation), ``"raw"`` (EXIF rotation
+  present but ignored, the annotation matches the stored pixels) or ``"exif"`` (EXIF transpose applied).
+
+The fingerprint is the sha256 of the canonical JSON of images and refs (sorted by id): it does not depend
+on where the dataset lies on disk or in which order a reader met the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Literal
+
+import numpy as np
+
+from grounding import boxes as B
+
+FORMAT_VERSION = 1
+DATASET_FILE = "dataset.json"
+ORIENTATIONS = ("none", "raw", "exif")
+OnError = Literal["fail", "skip"]
+
+
+class DataError(ValueError):
+    """A problem with user data: names the file (or id) and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One image: ``width``/``height`` in pixels after the recorded ``orientation`` is applied."""
+
+    image_id: str
+    path: str
+    width: int
+    height: int
+    sha256: str
+    orientation: str = "none"
+
+    def __post_init__(self) -> None:
+        if not self.image_id:
+            raise DataError("image record with an empty image_id")
+        if self.width <= 0 or self.height <= 0:
+            raise DataError(f"image {self.image_id}: non-positive size {self.width}x{self.height}")
+        if self.orientation not in ORIENTATIONS:
+            raise DataError(f"image {self.image_id}: orientation {self.orientation!r} not in {ORIENTATIONS}")
+        check_relative_path(self.path, what=f"image {self.image_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class RefRecord:
+    """One referring sentence or phrase; ``box`` float32 xyxy original pixels or ``None``."""
+
+    ref_id: str
+    image_id: str
+    text: str
+    split: str
+    box: tuple[float, float, float, float] | None = None
+    category: str | None = None
+    mask: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ref_id:
+            raise DataError(f"sentence of image {self.image_id} has an empty ref_id")
+        if not self.split:
+            raise DataError(f"ref {self.ref_id}: empty split")
+
+
+def normalize_text(text: str) -> str:
+    """NFC-normalise, collapse whitespace. Non-ASCII is kept (it is the user's text)."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def float32_box(box: Iterable[float]) -> tuple[float, float, float, float]:
+    """Round a box to float32 values (as stored everywhere) and return them as a Python tuple."""
+    arr = B.as_boxes(list(box))[0]
+    return tuple(float(v) for v in arr)  # type: ignore[return-value]
+
+
+def check_relative_path(path: str, *, what: str = "path") -> str:
+    """Refuse absolute paths and paths that escape the root (``..``); returns the path unchanged."""
+    p = PurePosixPath(path.replace("\\", "/"))
+    if not path or p.is_absolute() or ".." in p.parts or (len(path) > 1 and path[1] == ":"):
+        raise DataError(f"{what}: path {path!r} is absolute or escapes the image root; refused")
+    return path
+
+
+@dataclass
+class CanonicalDataset:
+    """Images and refs of one dataset plus provenance (``source``) and recorded skips (``errors``)."""
+
+    name: str
+    image_root: Path
+    images: list[ImageRecord]
+    refs: list[RefRecord]
+    source: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.images = sorted(self.images, key=lambda r: r.image_id)
+        self.refs = sorted(self.refs, key=lambda r: r.ref_id)
+        seen: set[str] = set()
+        for im in self.images:
+            if im.image_id in seen:
+                raise DataError(f"dataset {self.name}: duplicate image_id {im.image_id!r}")
+            seen.add(im.image_id)
+        ref_seen: set[str] = set()
+        for r in self.refs:
+            if r.ref_id in ref_seen:
+                raise DataError(f"dataset {self.name}: duplicate ref_id {r.ref_id!r}")
+            if r.image_id not in seen:
+                raise DataError(f"dataset {self.name}: ref {r.ref_id} points at unknown image {r.image_id!r}")
+            ref_seen.add(r.ref_id)
+
+    # ---- lookups -------------------------------------------------------------------------------------
+    @property
+    def image_index(self) -> dict[str, ImageRecord]:
+        """``image_id -> ImageRecord``."""
+        return {im.image_id: im for im in self.images}
+
+    def splits(self) -> dict[str, int]:
+        """Number of refs per split, sorted by split name."""
+        out: dict[str, int] = {}
+        for r in self.refs:
+            out[r.split] = out.get(r.split, 0) + 1
+        return dict(sorted(out.items()))
+
+    def image_path(self, image: ImageRecord) -> Path:
+        """Absolute path of an image file (the relative path was checked not to escape the root)."""
+        return self.image_root / image.path
+
+    # ---- identity --------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of images and refs (independent of location and input order)."""
+        h = hashlib.sha256()
+        h.update(f"grounding-dataset-v{FORMAT_VERSION}\n".encode())
+        for im in self.images:
+            h.update(canonical_json(asdict(im)).encode() + b"\n")
+        h.update(b"--refs--\n")
+        for r in self.refs:
+            h.update(canonical_json(asdict(r)).encode() + b"\n")
+        return h.hexdigest()
+
+    # ---- storage ---------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``<directory>/dataset.json`` atomically; ``image_root`` is stored relative when inside."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        root = Path(self.image_root).resolve()
+        try:
+            root_str = root.relative_to(directory.resolve()).as_posix()
+        except ValueError:
+            root_str = str(root)
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "image_root": root_str,
+            "fingerprint": self.fingerprint(),
+            "source": self.source,
+            "errors": self.errors,
+            "images": [asdict(im) for im in self.images],
+            "refs": [asdict(r) for r in self.refs],
+        }
+        out = directory / DATASET_FILE
+        tmp = out.with_suffix(".json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(canonical_json(doc, indent=None))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "CanonicalDataset":
+        """Read a dataset written by :meth:`save`; checks format version and fingerprint."""
+        directory = Path(directory)
+        path = directory / DATASET_FILE if directory.is_dir() else directory
+        if not path.exists():
+            raise DataError(f"{path}: no prepared dataset here (run `grounding data prepare` first)")
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        version = doc.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise DataError(
+                f"{path}: dataset format version {version!r} is newer than this grounding "
+                f"(supports <= {FORMAT_VERSION}); upgrade grounding"
+            )
+        root = Path(doc["image_root"])
+        if not root.is_absolute():
+            root = path.parent / root
+        images = [ImageRecord(**im) for im in doc["images"]]
+        refs = [
+            RefRecord(**{**r, "box": tuple(r["box"]) if r.get("box") is not None else None})
+            for r in doc["refs"]
+        ]
+        ds = cls(doc["name"], root, images, refs, doc.get("source", {}), doc.get("errors", []))
+        if ds.fingerprint() != doc.get("fingerprint"):
+            raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
+        return ds
+
+
+def canonical_json(obj: Any, indent: int | None = None) -> str:
+    """JSON with sorted keys, no NaN, compact separators: the serialisation every hash is taken over."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False, indent=indent,
+                      separators=(",", ":") if indent is None else None)
+
+
+class DatasetBuilder:
+    """Collects records from a reader, validates them and applies the ``on_error`` policy.
+
+    With ``on_error="fail"`` the first bad item raises :class:`DataError` naming the file and problem;
+    with ``"skip"`` it is left out and recorded in ``errors`` (``{"item", "file", "reason"}``).
+    """
+
+    def __init__(self, name: str, image_root: str | os.PathLike[str], *, on_error: OnError = "fail",
+                 max_text_chars: int = 1000, box_tolerance: float = 1.0) -> None:
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.name = name
+        self.image_root = Path(image_root)
+        self.on_error = on_error
+        self.max_text_chars = max_text_chars
+        self.box_tolerance = box_tolerance
+        self.images: dict[str, ImageRecord] = {}
+        self.refs: dict[str, RefRecord] = {}
+        self.errors: list[dict[str, str]] = []
+
+    def fail(self, item: str, file: str | os.PathLike[str] | None, reason: str) -> None:
+        """Record a bad item (skip policy) or raise :class:`DataError` (fail policy)."""
+        where = f"{file}: " if file else ""
+        if self.on_error == "fail":
+            raise DataError(f"{where}{item}: {reason}")
+        self.errors.append({"item": item, "file": str(file or ""), "reason": reason})
+
+    def add_image(self, record: ImageRecord, *, file: str | os.PathLike[str] | None = None) -> bool:
+        """Add an image; a duplicate id is a bad item. Returns whether it was added."""
+        if record.image_id in self.images:
+            if self.images[record.image_id] == record:
+                return True  # the same image listed twice by the source (e.g. one row per ref): fine
+            self.fail(f"image {record.image_id}", file, "duplicate image_id with different content")
+            return False
+        self.images[record.image_id] = record
+        return True
+
+    def add_ref(
+        self,
+        *,
+        ref_id: str,
+        image_id: str,
+        text: str,
+        split: str,
+        box: Iterable[float] | None,
+        box_format: str = "xyxy",
+        category: str | None = None,
+        mask: dict[str, Any] | None = None,
+        file: str | os.PathLike[str] | None = None,
+    ) -> bool:
+        """Validate and add a sentence: text non-empty and not over ``max_text_chars``, image known,
+        box converted from ``box_format`` to xyxy and checked against the image size. Returns whether added."""
+        item = f"ref {ref_id}"
+        if ref_id in self.refs:
+            self.fail(item, file, "duplicate ref_id")
+            return False
+        image = self.images.get(image_id)
+        if image is None:
+            self.fail(item, file, f"image {image_id!r} is missing or was skipped")
+            return False
+        if not isinstance(text, str):
+            self.fail(item, file, f"text is {type(text).__name__}, not a string")
+            return False
+        clean = normalize_text(text)
+        if not clean:
+            self.fail(item, file, "empty sentence")
+            return False
+        if len(clean) > self.max_text_chars:
+            self.fail(item, file, f"sentence of {len(clean)} characters exceeds max_text_chars={self.max_text_chars}")
+            return False
+        xyxy: tuple[float, float, float, float] | None = None
+        if box is not None:
+            try:
+                vals = [float(v) for v in box]
+                if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
+                    raise ValueError(f"box {vals} is not 4 finite numbers")
+                arr = B.convert(np.array([vals]), box_format, "xyxy")
+                arr = B.validate_xyxy(arr, image.width, image.height, tolerance=self.box_tolerance,
+                                      name=f"box ({box_format} {vals})")
+                xyxy = float32_box(arr[0])
+            except ValueError as e:
+                self.fail(item, file, str(e))
+                return False
+        self.refs[ref_id] = RefRecord(ref_id, image_id, clean, split, xyxy, category, mask)
+        return True
+
+    def build(self, source: dict[str, Any]) -> CanonicalDataset:
+        """The dataset, keeping only images that have at least one ref, with provenance ``source``."""
+        used = {r.image_id for r in self.refs.values()}
+        images = [im for im in self.images.values() if im.image_id in used]
+        return CanonicalDataset(self.name, self.image_root, images, list(self.refs.values()),
+                                source, list(self.errors))

@@ -1,0 +1,153 @@
+"""Lazy reader of a committed shard set.
+
+``ShardSet(path)`` loads the manifest and the ``key`` datasets (small), maps every key to ``(shard, row)``
+and opens HDF5 files only when a row is read, once per process (so it can be created before a DataLoader
+forks and used inside its workers). Fixed-size fields are contiguous and uncompressed in the file, so they
+are read through a NumPy memmap at the dataset's file offset (PITFALLS.md: 0.95x a plain memmap, where
+h5py row indexing reaches 0.26x); ragged fields are read by slicing ``values`` between two ``offsets``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from grounding.shards.manifest import FieldSpec, Manifest, ShardError
+
+
+class ShardSet:
+    """Read access to one shard set directory. Rows are ``dict[field name, np.ndarray]``."""
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = False) -> None:
+        self.path = Path(path)
+        if verify:
+            from grounding.shards.verify import verify_shard_set
+
+            report = verify_shard_set(self.path)
+            if not report.ok:
+                raise ShardError(f"{self.path}: verification failed: " + "; ".join(report.problems[:5]))
+        self.manifest = Manifest.load(self.path)
+        self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
+        self._keys: list[str] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        for si, shard in enumerate(self.manifest.shards):
+            file = self.path / shard.file
+            if not file.exists():
+                raise ShardError(f"{file}: shard listed in the manifest is missing")
+            try:
+                with h5py.File(file, "r") as f:
+                    keys = [k.decode("utf-8") for k in f["key"][()]]
+            except (OSError, KeyError) as e:
+                raise ShardError(f"{file}: cannot read shard ({e})") from None
+            if len(keys) != shard.rows:
+                raise ShardError(f"{file}: {len(keys)} rows, manifest says {shard.rows}")
+            for ri, k in enumerate(keys):
+                if k in self._where:
+                    raise ShardError(f"{self.path}: key {k!r} appears twice")
+                self._where[k] = (si, ri)
+            self._keys.extend(keys)
+        self._pid: int | None = None
+        self._files: dict[int, h5py.File] = {}
+        self._maps: dict[tuple[int, str], np.ndarray | None] = {}
+
+    # ---- pickling (DataLoader workers reopen files themselves) ----------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_pid=None, _files={}, _maps={})
+        return state
+
+    def _file(self, si: int) -> h5py.File:
+        if self._pid != os.getpid():  # after a fork: never reuse the parent's handles
+            self._pid, self._files, self._maps = os.getpid(), {}, {}
+        f = self._files.get(si)
+        if f is None:
+            f = h5py.File(self.path / self.manifest.shards[si].file, "r")
+            self._files[si] = f
+        return f
+
+    def _memmap(self, si: int, name: str) -> np.ndarray | None:
+        """A read-only memmap of a contiguous fixed field of shard ``si`` (None when not mappable)."""
+        self._file(si)  # resets per-process caches after a fork
+        key = (si, name)
+        if key not in self._maps:
+            dset = self._files[si][name]
+            offset = dset.id.get_offset()
+            if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
+                self._maps[key] = None
+            else:
+                self._maps[key] = np.memmap(self.path / self.manifest.shards[si].file, mode="r",
+                                            dtype=dset.dtype, offset=offset, shape=dset.shape)
+        return self._maps[key]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files, self._maps = {}, {}
+
+    def __enter__(self) -> "ShardSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- lookups -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    @property
+    def keys(self) -> list[str]:
+        """All keys in storage order."""
+        return list(self._keys)
+
+    def locate(self, key: str) -> tuple[int, int]:
+        """``(shard index, row index)`` of ``key``; ``KeyError`` naming the set when absent."""
+        try:
+            return self._where[key]
+        except KeyError:
+            raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
+
+    def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The row of ``key`` (copies, safe to keep), restricted to ``fields`` when given."""
+        si, ri = self.locate(key)
+        return {name: self._read(si, ri, name) for name in (fields or self.fields)}
+
+    def __getitem__(self, key: str) -> dict[str, np.ndarray]:
+        return self.get(key)
+
+    def _read(self, si: int, ri: int, name: str) -> np.ndarray:
+        spec = self.fields.get(name)
+        if spec is None:
+            raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
+        if spec.ragged:
+            g = self._file(si)[name]
+            lo, hi = g["offsets"][ri:ri + 2]
+            return g["values"][int(lo):int(hi)]
+        mm = self._memmap(si, name)
+        if mm is not None:
+            return np.array(mm[ri])
+        return self._files[si][name][ri]
+
+    def column(self, name: str) -> np.ndarray | list[np.ndarray]:
+        """A whole field in key order: one array for fixed fields, a list of arrays for ragged ones."""
+        spec = self.fields[name] if name in self.fields else self.manifest.field(name)
+        parts: list[Any] = []
+        for si, shard in enumerate(self.manifest.shards):
+            if spec.ragged:
+                g = self._file(si)[name]
+                offsets, values = g["offsets"][()], g["values"][()]
+                parts.extend(values[offsets[i]:offsets[i + 1]] for i in range(shard.rows))
+            else:
+                parts.append(self._file(si)[name][()])
+        if spec.ragged:
+            return parts
+        return np.concatenate(parts) if parts else np.zeros((0, *spec.shape), spec.np_dtype)

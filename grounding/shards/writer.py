@@ -1,0 +1,338 @@
+"""Streaming, resumable, deterministic shard-set writer.
+
+A stage hands the writer the ordered list of its input items (``item_keys``). Shard ``i`` covers items
+``[i * rows_per_shard, (i + 1) * rows_per_shard)``, so the partition does not depend on which items fail.
+Rows are buffered for one shard at a time; a full shard is written to a temporary file, fsynced and renamed
+(atomic); ``manifest.json`` is written last. After a crash, a rerun keeps every finished shard whose
+recorded stage key and item range match and resumes at the first missing one.
+
+Usage::
+
+    with ShardWriter(out_dir, spec, item_keys) as w:
+        for key in w.todo():                      # keys of the shards still missing, in order
+            w.add(key, {"embedding": vec})         # or w.skip(key, "corrupt image")
+    manifest = w.manifest                          # committed on a clean exit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from grounding import __version__
+from grounding.shards.keys import file_sha256
+from grounding.shards.manifest import (
+    FORMAT_VERSION,
+    LEVELS,
+    MANIFEST,
+    FieldSpec,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    fsync_dir,
+)
+
+SHARD_PATTERN = "shard-{:05d}.h5"
+RAGGED_CHUNK_BYTES = 64 * 1024
+
+
+class ItemFailed(RuntimeError):
+    """Raised under ``on_error="fail"``: names the item and the reason; finished shards are kept."""
+
+
+@dataclass(frozen=True)
+class ShardSetSpec:
+    """What a stage writes: identity, level, schema and provenance (all of it lands in the manifest)."""
+
+    stage: str
+    stage_key: str
+    level: str
+    fields: tuple[FieldSpec, ...]
+    rows_per_shard: int = 4096
+    teacher: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    on_error: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"level {self.level!r} not in {LEVELS}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate field names in {names}")
+
+
+def is_complete(out_dir: str | os.PathLike[str], stage_key: str) -> bool:
+    """True when ``out_dir`` holds a committed shard set with this key whose shard files are all present
+    with their recorded sizes (cheap check; ``verify`` re-hashes)."""
+    out = Path(out_dir)
+    try:
+        m = Manifest.load(out)
+    except ShardError:
+        return False
+    if m.stage_key != stage_key:
+        return False
+    return all((out / s.file).is_file() and (out / s.file).stat().st_size == s.size for s in m.shards)
+
+
+class ShardWriter:
+    """Writes one shard set; see the module docstring. Not thread-safe; one writer per directory."""
+
+    def __init__(self, out_dir: str | os.PathLike[str], spec: ShardSetSpec, item_keys: Sequence[str],
+                 *, progress: bool = True, desc: str | None = None) -> None:
+        keys = [str(k) for k in item_keys]
+        if len(set(keys)) != len(keys):
+            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise ValueError(f"duplicate item key {dup!r} given to the writer of {spec.stage}")
+        self.out = Path(out_dir)
+        self.spec = spec
+        self.keys = keys
+        self.progress = progress
+        self.desc = desc or spec.stage
+        self._fields = {f.name: f for f in spec.fields}
+        self.n_shards = (len(keys) + spec.rows_per_shard - 1) // spec.rows_per_shard
+        self.manifest: Manifest | None = None
+        self._done: dict[int, ShardInfo] = {}
+        self._errors: dict[int, list[dict[str, str]]] = {}
+        self._buf_rows: list[tuple[str, dict[str, np.ndarray]]] = []
+        self._buf_errors: list[dict[str, str]] = []
+        self._cursor = 0  # index into self.keys of the next expected item
+        self._shard = -1
+        self._bar = None
+        self._prepare_dir()
+
+    # ---- set-up and resume ---------------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if is_complete(self.out, self.spec.stage_key):
+            self.manifest = Manifest.load(self.out)
+            return
+        manifest = self.out / MANIFEST
+        if manifest.exists():  # a different (stale) or damaged set: un-commit it first, then clean up
+            manifest.unlink()
+            fsync_dir(self.out)
+        for p in self.out.iterdir():
+            if ".tmp" in p.name and p.name.startswith(("shard-", "manifest")):
+                p.unlink()
+        for i in range(self.n_shards):
+            info = self._check_existing(i)
+            if info is not None:
+                self._done[i] = info
+        wanted = {SHARD_PATTERN.format(i) for i in range(self.n_shards)}
+        for p in self.out.glob("shard-*.h5"):
+            if p.name not in wanted:
+                p.unlink()
+
+    def _item_range(self, i: int) -> tuple[int, int]:
+        start = i * self.spec.rows_per_shard
+        return start, min(len(self.keys), start + self.spec.rows_per_shard) - start
+
+    def _check_existing(self, i: int) -> ShardInfo | None:
+        """Keep a finished shard from an interrupted run when its key, item range and keys match."""
+        path = self.out / SHARD_PATTERN.format(i)
+        if not path.exists():
+            return None
+        start, count = self._item_range(i)
+        try:
+            with h5py.File(path, "r") as f:
+                a = f.attrs
+                ok = (
+                    a.get("stage_key") == self.spec.stage_key
+                    and int(a.get("item_start", -1)) == start
+                    and int(a.get("item_count", -1)) == count
+                    and int(a.get("format_version", -1)) == FORMAT_VERSION
+                )
+                keys = [k.decode("utf-8") for k in f["key"][()]] if ok else []
+                errors = json.loads(a.get("errors", "[]")) if ok else []
+        except (OSError, KeyError, ValueError):
+            ok = False
+        expected = self.keys[start:start + count]
+        if ok:
+            failed = {e["item"] for e in errors}
+            ok = keys == [k for k in expected if k not in failed]
+        if not ok:
+            path.unlink()
+            return None
+        self._errors[i] = errors
+        return _shard_info(path, keys, start, count)
+
+    # ---- the stage's side ----------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """True when the directory already holds this exact shard set (nothing to do)."""
+        return self.manifest is not None
+
+    def todo(self) -> Iterator[str]:
+        """Keys of the items still to compute (those of missing shards), in order."""
+        if self.complete:
+            return
+        for i in range(self.n_shards):
+            if i in self._done:
+                continue
+            start, count = self._item_range(i)
+            yield from self.keys[start:start + count]
+
+    def todo_indices(self) -> list[int]:
+        """Indices into ``item_keys`` of the items still to compute."""
+        out: list[int] = []
+        for i in range(self.n_shards):
+            if i not in self._done and not self.complete:
+                start, count = self._item_range(i)
+                out.extend(range(start, start + count))
+        return out
+
+    def _expect(self, key: str) -> None:
+        while self._cursor < len(self.keys) and self._shard_of(self._cursor) in self._done:
+            self._cursor += 1
+        if self._cursor >= len(self.keys):
+            raise ShardError(f"{self.spec.stage}: got item {key!r} but every item is already written")
+        expected = self.keys[self._cursor]
+        if key != expected:
+            raise ShardError(f"{self.spec.stage}: items out of order: got {key!r}, expected {expected!r}")
+        self._shard = self._shard_of(self._cursor)
+        self._cursor += 1
+
+    def _shard_of(self, index: int) -> int:
+        return index // self.spec.rows_per_shard
+
+    def add(self, key: str, row: Mapping[str, Any]) -> None:
+        """Add the row of item ``key`` (the next expected item): ``field name -> array``."""
+        checked = self._check_row(str(key), row)  # before _expect: a bad row leaves the cursor alone
+        self._expect(str(key))
+        self._buf_rows.append((str(key), checked))
+        self._after_item()
+
+    def skip(self, key: str, reason: str) -> None:
+        """Record that item ``key`` failed. Under ``on_error="fail"`` raises :class:`ItemFailed`."""
+        if self.spec.on_error == "fail":
+            raise ItemFailed(f"{self.spec.stage}: item {key!r} failed: {reason} "
+                             f"(set on_error: skip to record it and go on)")
+        self._expect(str(key))
+        self._buf_errors.append({"item": str(key), "reason": reason})
+        self._after_item()
+
+    def _check_row(self, key: str, row: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        missing = set(self._fields) - set(row)
+        extra = set(row) - set(self._fields)
+        if missing or extra:
+            raise ShardError(f"{self.spec.stage}: row {key!r}: missing fields {sorted(missing)}, "
+                             f"unknown fields {sorted(extra)}")
+        out: dict[str, np.ndarray] = {}
+        for name, spec in self._fields.items():
+            arr = np.asarray(row[name])
+            if arr.dtype.kind in "fc" and spec.np_dtype.kind in "iub":
+                raise ShardError(f"{self.spec.stage}: row {key!r} field {name}: float values for an "
+                                 f"integer field ({spec.dtype}); round explicitly")
+            arr = arr.astype(spec.np_dtype, copy=False)
+            got = arr.shape[1:] if spec.ragged else arr.shape
+            if (spec.ragged and arr.ndim != len(spec.shape) + 1) or got != spec.shape:
+                want = ("K", *spec.shape) if spec.ragged else spec.shape
+                raise ShardError(f"{self.spec.stage}: row {key!r} field {name}: shape {arr.shape}, "
+                                 f"expected {want}")
+            out[name] = np.array(arr, order="C", copy=True)  # ascontiguousarray would make 0-d 1-d
+        return out
+
+    def _after_item(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+        start, count = self._item_range(self._shard)
+        if self._cursor == start + count:
+            self._flush(self._shard)
+
+    # ---- writing -------------------------------------------------------------------------------------
+    def _flush(self, i: int) -> None:
+        start, count = self._item_range(i)
+        rows, errors = self._buf_rows, self._buf_errors
+        self._buf_rows, self._buf_errors = [], []
+        path = self.out / SHARD_PATTERN.format(i)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        write_shard_file(tmp, self.spec, rows, errors, start, count)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.out)
+        self._done[i] = _shard_info(path, [k for k, _ in rows], start, count)
+        self._errors[i] = errors
+
+    def commit(self) -> Manifest:
+        """Write the manifest once every shard exists; returns it."""
+        if self.complete:
+            assert self.manifest is not None
+            return self.manifest
+        missing = [i for i in range(self.n_shards) if i not in self._done]
+        if missing:
+            raise ShardError(f"{self.spec.stage}: cannot commit, shards {missing[:5]} not written")
+        s = self.spec
+        manifest = Manifest(
+            stage=s.stage, stage_key=s.stage_key, level=s.level, fields=list(s.fields),
+            shards=[self._done[i] for i in range(self.n_shards)], teacher=dict(s.teacher),
+            params=dict(s.params), inputs=dict(s.inputs), extra=dict(s.extra),
+            errors=[e for i in range(self.n_shards) for e in self._errors.get(i, [])],
+            rows_per_shard=s.rows_per_shard, package_version=__version__,
+        )
+        manifest.save(self.out)
+        self.manifest = manifest
+        return manifest
+
+    def __enter__(self) -> "ShardWriter":
+        if not self.complete and self.progress:
+            from tqdm.auto import tqdm
+
+            todo = len(self.todo_indices())
+            self._bar = tqdm(total=todo, desc=self.desc, unit="row", dynamic_ncols=True, leave=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if exc_type is None:
+            self.commit()
+
+
+def _shard_info(path: Path, keys: list[str], start: int, count: int) -> ShardInfo:
+    return ShardInfo(file=path.name, rows=len(keys), first_key=keys[0] if keys else None,
+                     last_key=keys[-1] if keys else None, sha256=file_sha256(path),
+                     size=path.stat().st_size, item_start=start, item_count=count)
+
+
+def write_shard_file(path: Path, spec: ShardSetSpec, rows: list[tuple[str, dict[str, np.ndarray]]],
+                     errors: list[dict[str, str]], item_start: int, item_count: int) -> None:
+    """Write one HDF5 shard with a deterministic layout: ``key`` (fixed-width UTF-8 bytes), one contiguous
+    uncompressed dataset per fixed field, ``<field>/values`` (chunked) + ``<field>/offsets`` (int64) per
+    ragged field; no timestamps."""
+    keys = [k.encode("utf-8") for k, _ in rows]
+    width = max((len(k) for k in keys), default=1)
+    with h5py.File(path, "w", libver="earliest", track_order=False) as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["stage"] = spec.stage
+        f.attrs["stage_key"] = spec.stage_key
+        f.attrs["item_start"] = item_start
+        f.attrs["item_count"] = item_count
+        f.attrs["errors"] = json.dumps(errors, sort_keys=True, ensure_ascii=False)
+        f.create_dataset("key", data=np.array(keys, dtype=f"S{width}"), track_times=False)
+        for spec_f in spec.fields:
+            arrays = [r[spec_f.name] for _, r in rows]
+            if not spec_f.ragged:
+                data = np.stack(arrays) if arrays else np.zeros((0, *spec_f.shape), spec_f.np_dtype)
+                f.create_dataset(spec_f.name, data=data, track_times=False)
+                continue
+            g = f.create_group(spec_f.name, track_order=False)
+            lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            values = (np.concatenate(arrays) if arrays else np.zeros((0, *spec_f.shape), spec_f.np_dtype))
+            row_bytes = max(1, int(np.prod(spec_f.shape, dtype=np.int64)) * spec_f.np_dtype.itemsize)
+            chunk_rows = max(1, min(len(values), RAGGED_CHUNK_BYTES // row_bytes))
+            chunks = (chunk_rows, *spec_f.shape) if len(values) else None
+            g.create_dataset("values", data=values, chunks=chunks, track_times=False)
+            g.create_dataset("offsets", data=offsets, track_times=False)

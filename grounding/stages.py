@@ -1,0 +1,132 @@
+"""The stage registry: name -> inputs, outputs, code modules (hashed into the key) and run function.
+
+DVC (``stages/*.py``) and Prefect (``pipelines/flow.py``) both call :func:`run`; a stage whose output
+directory already holds a committed shard set with the same key returns at once, so the two share one
+cache. ``run`` returns the output directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from grounding import __version__
+from grounding.config import Params
+from grounding.data.schema import CanonicalDataset
+from grounding.shards import FieldSpec, ShardSetSpec, ShardWriter, code_version, stage_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """A registered stage. ``modules`` are the library modules whose source defines its outputs."""
+
+    name: str
+    description: str
+    modules: tuple[str, ...]
+    run: Callable[[Params], Path]
+
+
+def write_stage(
+    params: Params,
+    *,
+    stage: str,
+    modules: Iterable[str],
+    level: str,
+    fields: tuple[FieldSpec, ...],
+    item_keys: list[str],
+    rows: Callable[[list[str]], Iterable[tuple[str, Mapping[str, Any] | Exception]]],
+    stage_params: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    teacher: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    out_dir: Path | None = None,
+) -> Path:
+    """Key, resume and write one shard set.
+
+    ``rows(todo_keys)`` yields ``(key, row)`` for the keys still missing, in order; yielding an exception
+    instead of a row records that item as failed (``on_error`` decides whether that stops the stage).
+    """
+    out = out_dir or params.teacher_dir(stage)
+    key = stage_key(stage, code_version([*modules, "grounding.shards.writer"]), teacher, stage_params, inputs)
+    spec = ShardSetSpec(stage=stage, stage_key=key, level=level, fields=fields,
+                        rows_per_shard=params.shards.rows_per_shard, teacher=dict(teacher or {}),
+                        params=dict(stage_params), inputs=dict(inputs), extra=dict(extra or {}),
+                        on_error=params.dataset.on_error)
+    with ShardWriter(out, spec, item_keys, progress=params.progress, desc=stage) as w:
+        if w.complete:
+            log.info("%s: up to date at %s (key %s)", stage, out, key[:12])
+            return out
+        for k, row in rows(list(w.todo())):
+            if isinstance(row, Exception):
+                w.skip(k, f"{type(row).__name__}: {row}")
+            else:
+                w.add(k, row)
+    return out
+
+
+def dataset_extra(params: Params, ds: CanonicalDataset, out: Path) -> dict[str, Any]:
+    """Provenance every shard set carries about its dataset: name and where it lies (relative to ``out``)."""
+    return {"dataset": ds.name, "dataset_dir": os.path.relpath(params.prepared_dir().resolve(), out.resolve())}
+
+
+# ---- stages --------------------------------------------------------------------------------------------
+def _run_prepare(params: Params) -> Path:
+    from grounding.data.prepare import prepare
+
+    prepare(params)
+    return params.prepared_dir()
+
+
+def _run_gt_boxes(params: Params) -> Path:
+    from grounding.data.gt import GT_FIELDS_MEANING, class_list, gt_regions
+
+    ds = CanonicalDataset.load(params.prepared_dir())
+    classes = class_list(ds)
+    out = params.teacher_dir("gt-boxes")
+    regions = dict(gt_regions(ds, classes))
+    fields = (
+        FieldSpec("boxes", "float32", (4,), ragged=True, meaning=GT_FIELDS_MEANING["boxes"]),
+        FieldSpec("labels", "int32", (), ragged=True, meaning=GT_FIELDS_MEANING["labels"]),
+        FieldSpec("size", "int32", (2,), meaning=GT_FIELDS_MEANING["size"]),
+    )
+    return write_stage(
+        params, stage="gt-boxes", modules=["grounding.data.gt", "grounding.stages"], level="image",
+        fields=fields, item_keys=[im.image_id for im in ds.images],
+        rows=lambda todo: ((k, regions[k]) for k in todo), stage_params={},
+        inputs={"dataset": ds.fingerprint()}, teacher={"name": "ground-truth", "package": __version__},
+        extra={**dataset_extra(params, ds, out), "classes": classes}, out_dir=out,
+    )
+
+
+STAGES: dict[str, StageDef] = {
+    s.name: s
+    for s in (
+        StageDef("prepare", "canonical dataset from user files or the synthetic generator",
+                 ("grounding.data.prepare",), _run_prepare),
+        StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)",
+                 ("grounding.data.gt",), _run_gt_boxes),
+    )
+}
+
+
+#: The main job, in dependency order: what `grounding demo` (and `make demo`) runs.
+PIPELINE: tuple[str, ...] = ("prepare", "gt-boxes")
+
+
+def get(name: str) -> StageDef:
+    """The stage called ``name``; ``KeyError`` listing the known stages."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages are {sorted(STAGES)}") from None
+
+
+def run(name: str, params: Params) -> Path:
+    """Run (or reuse) stage ``name`` with ``params``; returns its output directory."""
+    return get(name).run(params)
+

@@ -63,6 +63,41 @@ class PathParams(_Section):
     models: str = "models"
 
 
+# ---- teachers (each section is owned by the module that implements the teacher) ----------------------
+class DetectorParams(_Section):
+    """A detector teacher (``teachers.frcnn``, ``teachers.fcos``). Filled in by the detector stages."""
+
+    backend: Literal["torchvision", "mmdet"] = "torchvision"
+    weights: str | None = None
+
+
+class YoloParams(_Section):
+    """The YOLOv3 anchor teacher (``teachers.yolo``). Filled in by the detector stages."""
+
+    weights: str | None = None
+    keep_ratio: float = Field(0.1, gt=0, le=1)
+
+
+class ClipParams(_Section):
+    """The CLIP teacher (``teachers.clip``). Filled in by the CLIP stages."""
+
+    pretrained: str | None = None
+
+
+class WordnetParams(_Section):
+    """WordNet soft labels (``teachers.wordnet``). Filled in by the WordNet stage."""
+
+
+class TeachersParams(_Section):
+    """One section per teacher."""
+
+    frcnn: DetectorParams = DetectorParams()
+    fcos: DetectorParams = DetectorParams()
+    yolo: YoloParams = YoloParams()
+    clip: ClipParams = ClipParams()
+    wordnet: WordnetParams = WordnetParams()
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -72,6 +107,7 @@ class Params(_Section):
     dataset: DatasetParams = DatasetParams()
     shards: ShardParams = ShardParams()
     paths: PathParams = PathParams()
+    teachers: TeachersParams = TeachersParams()
 
     def prepared_dir(self) -> Path:
         return Path(self.paths.prepared) / self.dataset.name

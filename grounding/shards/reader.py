@@ -10,6 +10,7 @@ h5py row indexing reaches 0.26x); ragged fields are read by slicing ``values`` b
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +18,17 @@ import h5py
 import numpy as np
 
 from grounding.shards.manifest import FieldSpec, Manifest, ShardError
+
+
+_OPEN_SETS: "weakref.WeakSet[ShardSet]" = weakref.WeakSet()
+
+
+def _forget_handles_after_fork() -> None:
+    for s in list(_OPEN_SETS):
+        s._files, s._maps = {}, {}
+
+
+os.register_at_fork(after_in_child=_forget_handles_after_fork)  # never reuse a parent's HDF5 handles
 
 
 class ShardSet:
@@ -50,19 +62,22 @@ class ShardSet:
                     raise ShardError(f"{self.path}: key {k!r} appears twice")
                 self._where[k] = (si, ri)
             self._keys.extend(keys)
-        self._pid: int | None = None
         self._files: dict[int, h5py.File] = {}
         self._maps: dict[tuple[int, str], np.ndarray | None] = {}
+        self._field_names = tuple(self.fields)
+        _OPEN_SETS.add(self)
 
     # ---- pickling (DataLoader workers reopen files themselves) ----------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _files={}, _maps={})
+        state.update(_files={}, _maps={})
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _OPEN_SETS.add(self)
+
     def _file(self, si: int) -> h5py.File:
-        if self._pid != os.getpid():  # after a fork: never reuse the parent's handles
-            self._pid, self._files, self._maps = os.getpid(), {}, {}
         f = self._files.get(si)
         if f is None:
             f = h5py.File(self.path / self.manifest.shards[si].file, "r")
@@ -71,16 +86,16 @@ class ShardSet:
 
     def _memmap(self, si: int, name: str) -> np.ndarray | None:
         """A read-only memmap of a contiguous fixed field of shard ``si`` (None when not mappable)."""
-        self._file(si)  # resets per-process caches after a fork
         key = (si, name)
         if key not in self._maps:
-            dset = self._files[si][name]
+            dset = self._file(si)[name]
             offset = dset.id.get_offset()
             if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
                 self._maps[key] = None
             else:
-                self._maps[key] = np.memmap(self.path / self.manifest.shards[si].file, mode="r",
-                                            dtype=dset.dtype, offset=offset, shape=dset.shape)
+                mm = np.memmap(self.path / self.manifest.shards[si].file, mode="r",
+                               dtype=dset.dtype, offset=offset, shape=dset.shape)
+                self._maps[key] = mm.view(np.ndarray)  # plain view: indexing skips memmap's overhead
         return self._maps[key]
 
     def close(self) -> None:
@@ -118,13 +133,19 @@ class ShardSet:
 
     def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The row of ``key`` (copies, safe to keep), restricted to ``fields`` when given."""
-        si, ri = self.locate(key)
-        return {name: self._read(si, ri, name) for name in (fields or self.fields)}
+        try:
+            si, ri = self._where[key]
+        except KeyError:
+            raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
+        return {name: self._read(si, ri, name) for name in (fields or self._field_names)}
 
     def __getitem__(self, key: str) -> dict[str, np.ndarray]:
         return self.get(key)
 
     def _read(self, si: int, ri: int, name: str) -> np.ndarray:
+        mm = self._maps.get((si, name))
+        if mm is not None:  # hot path: a contiguous fixed field already mapped
+            return mm[ri].copy()
         spec = self.fields.get(name)
         if spec is None:
             raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
@@ -134,7 +155,7 @@ class ShardSet:
             return g["values"][int(lo):int(hi)]
         mm = self._memmap(si, name)
         if mm is not None:
-            return np.array(mm[ri])
+            return mm[ri].copy()
         return self._files[si][name][ri]
 
     def column(self, name: str) -> np.ndarray | list[np.ndarray]:

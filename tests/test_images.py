@@ -94,3 +94,14 @@ def test_load_rgb_detects_a_changed_file(tmp_path: Path) -> None:
     Image.new("RGB", (32, 48)).save(tmp_path / "a.png")
     with pytest.raises(ImageError, match="differs from the prepared 64x48"):
         load_rgb(tmp_path, rec)
+
+
+def test_orientation_without_annotated_size_follows_the_reader(tmp_path: Path) -> None:
+    from grounding.data.readers import orientation_when_unknown
+
+    _exif_jpeg(tmp_path / "rot.jpg", 6)
+    assert orientation_when_unknown("unc") == "raw" and orientation_when_unknown("referit") == "exif"
+    rec, _ = image_record(tmp_path, "r", "rot.jpg", None, when_unknown="raw")
+    assert (rec.orientation, rec.width, rec.height) == ("raw", 60, 40)
+    rec, _ = image_record(tmp_path, "r", "rot.jpg", None, when_unknown="exif")
+    assert (rec.orientation, rec.width, rec.height) == ("exif", 40, 60)

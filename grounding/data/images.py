@@ -62,7 +62,7 @@ def _open_full(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()  # full decode: catches truncated files that Image.open alone accepts
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
     return img
 
@@ -75,13 +75,15 @@ def _exif_orientation(img: Image.Image) -> int:
 
 
 def decide_orientation(raw_w: int, raw_h: int, exif_value: int,
-                       annotated: tuple[int, int] | None) -> tuple[str, str]:
+                       annotated: tuple[int, int] | None, when_unknown: str = "exif") -> tuple[str, str]:
     """Choose ``"none" | "raw" | "exif"`` for an image of stored size ``raw_w x raw_h``.
 
     Without an EXIF rotation the answer is ``"none"``. With one, the annotation's ``(width, height)``
     decides: keep the stored pixels (``"raw"``) or apply the EXIF transpose (``"exif"``), whichever
     matches; when both match (180-degree rotations, square images) the stored pixels are kept, as the
-    COCO-family annotation tools did. No annotated size: apply EXIF. Neither matches: ``ImageError``.
+    COCO-family annotation tools did. No annotated size: ``when_unknown`` decides (``"exif"``, as cv2
+    and browsers do, or ``"raw"`` for formats whose boxes are known to be in stored-pixel coordinates,
+    e.g. COCO images referenced from SimREC/TransVG files). Neither matches: ``ImageError``.
     Returns ``(orientation, note)``.
     """
     if exif_value in (0, 1):
@@ -90,7 +92,9 @@ def decide_orientation(raw_w: int, raw_h: int, exif_value: int,
         return "none", ""
     exif_size = (raw_h, raw_w) if exif_value in _SWAPS_AXES else (raw_w, raw_h)
     if annotated is None:
-        return "exif", f"EXIF orientation {exif_value} applied (no annotated size)"
+        if when_unknown not in ("exif", "raw"):
+            raise ValueError(f"when_unknown must be 'exif' or 'raw', got {when_unknown!r}")
+        return when_unknown, f"EXIF orientation {exif_value}: no annotated size, {when_unknown} chosen by the reader"
     raw_ok, exif_ok = annotated == (raw_w, raw_h), annotated == exif_size
     if raw_ok:
         note = "EXIF orientation ignored: stored pixels match the annotation"
@@ -103,12 +107,15 @@ def decide_orientation(raw_w: int, raw_h: int, exif_value: int,
     )
 
 
-def probe_image(path: str | os.PathLike[str], annotated_size: tuple[int, int] | None = None) -> ImageProbe:
-    """Decode ``path`` fully, decide its orientation against ``annotated_size`` ``(width, height)``."""
+def probe_image(path: str | os.PathLike[str], annotated_size: tuple[int, int] | None = None,
+                when_unknown: str = "exif") -> ImageProbe:
+    """Decode ``path`` fully, decide its orientation against ``annotated_size`` ``(width, height)``
+    (``when_unknown`` applies when there is none; see :func:`decide_orientation`)."""
     path = Path(path)
     img = _open_full(path)
     try:
-        orientation, note = decide_orientation(img.width, img.height, _exif_orientation(img), annotated_size)
+        orientation, note = decide_orientation(img.width, img.height, _exif_orientation(img), annotated_size,
+                                               when_unknown)
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     w, h = (img.height, img.width) if orientation == "exif" and _exif_orientation(img) in _SWAPS_AXES else img.size
@@ -116,10 +123,11 @@ def probe_image(path: str | os.PathLike[str], annotated_size: tuple[int, int] | 
 
 
 def image_record(root: str | os.PathLike[str], image_id: str, rel_path: str,
-                 annotated_size: tuple[int, int] | None = None) -> tuple[ImageRecord, ImageProbe]:
+                 annotated_size: tuple[int, int] | None = None,
+                 when_unknown: str = "exif") -> tuple[ImageRecord, ImageProbe]:
     """Build an :class:`ImageRecord` for ``root/rel_path``: containment check, full decode, sha256."""
     full = resolve_image_path(root, rel_path)
-    probe = probe_image(full, annotated_size)
+    probe = probe_image(full, annotated_size, when_unknown)
     rec = ImageRecord(image_id, rel_path, probe.width, probe.height, sha256_file(full), probe.orientation)
     return rec, probe
 

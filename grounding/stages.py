@@ -8,10 +8,13 @@ cache. ``run`` returns the output directory.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from grounding import __version__
 from grounding.config import Params
@@ -29,6 +32,23 @@ class StageDef:
     description: str
     modules: tuple[str, ...]
     run: Callable[[Params], Path]
+
+
+_PART: ContextVar[tuple[int, int] | None] = ContextVar("grounding_shard_part", default=None)
+
+
+@contextmanager
+def shard_part(part: int, n_parts: int) -> Iterator[None]:
+    """Within this context, shard-set stages write only shards ``i`` with ``i % n_parts == part`` and do
+    not commit (fan-out: run every part, then run the stage once more outside the context to commit;
+    the result is byte-identical to a serial run because shard contents depend only on their items)."""
+    if not 0 <= part < n_parts:
+        raise ValueError(f"part {part} not in [0, {n_parts})")
+    token = _PART.set((part, n_parts))
+    try:
+        yield
+    finally:
+        _PART.reset(token)
 
 
 def write_stage(
@@ -57,7 +77,13 @@ def write_stage(
                         rows_per_shard=params.shards.rows_per_shard, teacher=dict(teacher or {}),
                         params=dict(stage_params), inputs=dict(inputs), extra=dict(extra or {}),
                         on_error=params.dataset.on_error)
-    with ShardWriter(out, spec, item_keys, progress=params.progress, desc=stage) as w:
+    part = _PART.get()
+    shards = None
+    if part is not None:
+        n_shards = math.ceil(len(item_keys) / spec.rows_per_shard)
+        shards = [i for i in range(n_shards) if i % part[1] == part[0]]
+    desc = stage if part is None else f"{stage} [part {part[0] + 1}/{part[1]}]"
+    with ShardWriter(out, spec, item_keys, progress=params.progress, desc=desc, shards=shards) as w:
         if w.complete:
             log.info("%s: up to date at %s (key %s)", stage, out, key[:12])
             return out

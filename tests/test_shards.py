@@ -268,3 +268,20 @@ def test_torch_dataset_reports_missing_join(tmp_path: Path) -> None:
     img_dir, sent_dir = _write_joined(tmp_path)
     with pytest.raises(KeyError, match="ref0.*no row in set 'img'"):
         ShardDataset({"sent": sent_dir, "img": img_dir}, key_maps={"img": {"ref0": "nope"}})
+
+
+def test_fan_out_parts_then_commit_equals_serial(tmp_path: Path) -> None:
+    write(tmp_path / "serial", n=10, rps=3)
+    keys = [f"img{i:05d}" for i in range(10)]
+    out = tmp_path / "parts"
+    for part in ([0, 2], [1, 3]):  # two workers, disjoint shards
+        with ShardWriter(out, spec(3), keys, progress=False, shards=part) as w:
+            assert {keys.index(k) // 3 for k in w.todo()} == set(part)
+            for k in w.todo():
+                w.add(k, row(int(k[3:])))
+        assert not (out / "manifest.json").exists()  # parts never commit
+    with pytest.raises(ShardError, match="cannot commit"):
+        ShardWriter(out, spec(3), keys, progress=False, shards=[0]).commit()
+    with ShardWriter(out, spec(3), keys, progress=False) as w:
+        assert list(w.todo()) == []  # everything was written by the parts
+    assert file_digests(out) == file_digests(tmp_path / "serial")

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -90,7 +90,10 @@ class ShardWriter:
     """Writes one shard set; see the module docstring. Not thread-safe; one writer per directory."""
 
     def __init__(self, out_dir: str | os.PathLike[str], spec: ShardSetSpec, item_keys: Sequence[str],
-                 *, progress: bool = True, desc: str | None = None) -> None:
+                 *, progress: bool = True, desc: str | None = None, shards: Collection[int] | None = None) -> None:
+        """``shards`` restricts this writer to some shard indices (fan-out: several processes write
+        disjoint parts of one set, then a final writer without ``shards`` commits the manifest); a
+        restricted writer touches only its own shard files and never commits."""
         keys = [str(k) for k in item_keys]
         if len(set(keys)) != len(keys):
             dup = next(k for i, k in enumerate(keys) if k in keys[:i])
@@ -102,6 +105,8 @@ class ShardWriter:
         self.desc = desc or spec.stage
         self._fields = {f.name: f for f in spec.fields}
         self.n_shards = (len(keys) + spec.rows_per_shard - 1) // spec.rows_per_shard
+        self.partial = shards is not None
+        self._mine = set(range(self.n_shards)) if shards is None else {int(i) for i in shards} & set(range(self.n_shards))
         self.manifest: Manifest | None = None
         self._done: dict[int, ShardInfo] = {}
         self._errors: dict[int, list[dict[str, str]]] = {}
@@ -120,19 +125,22 @@ class ShardWriter:
             return
         manifest = self.out / MANIFEST
         if manifest.exists():  # a different (stale) or damaged set: un-commit it first, then clean up
-            manifest.unlink()
+            manifest.unlink(missing_ok=True)
             fsync_dir(self.out)
-        for p in self.out.iterdir():
-            if ".tmp" in p.name and p.name.startswith(("shard-", "manifest")):
-                p.unlink()
-        for i in range(self.n_shards):
+        mine = {SHARD_PATTERN.format(i) for i in self._mine}
+        for p in self.out.iterdir():  # leftovers of a killed run (only this writer's own shards)
+            if ".tmp" in p.name and (p.name.split(".tmp")[0] in mine
+                                     or (not self.partial and p.name.startswith(("shard-", "manifest")))):
+                p.unlink(missing_ok=True)
+        for i in sorted(self._mine):
             info = self._check_existing(i)
             if info is not None:
                 self._done[i] = info
-        wanted = {SHARD_PATTERN.format(i) for i in range(self.n_shards)}
-        for p in self.out.glob("shard-*.h5"):
-            if p.name not in wanted:
-                p.unlink()
+        if not self.partial:
+            wanted = {SHARD_PATTERN.format(i) for i in range(self.n_shards)}
+            for p in self.out.glob("shard-*.h5"):
+                if p.name not in wanted:
+                    p.unlink()
 
     def _item_range(self, i: int) -> tuple[int, int]:
         start = i * self.spec.rows_per_shard
@@ -177,23 +185,25 @@ class ShardWriter:
         """Keys of the items still to compute (those of missing shards), in order."""
         if self.complete:
             return
-        for i in range(self.n_shards):
-            if i in self._done:
-                continue
+        for i in self._pending():
             start, count = self._item_range(i)
             yield from self.keys[start:start + count]
+
+    def _pending(self) -> list[int]:
+        """Shard indices this writer still has to write."""
+        return [] if self.complete else [i for i in sorted(self._mine) if i not in self._done]
 
     def todo_indices(self) -> list[int]:
         """Indices into ``item_keys`` of the items still to compute."""
         out: list[int] = []
-        for i in range(self.n_shards):
-            if i not in self._done and not self.complete:
-                start, count = self._item_range(i)
-                out.extend(range(start, start + count))
+        for i in self._pending():
+            start, count = self._item_range(i)
+            out.extend(range(start, start + count))
         return out
 
     def _expect(self, key: str) -> None:
-        while self._cursor < len(self.keys) and self._shard_of(self._cursor) in self._done:
+        while self._cursor < len(self.keys) and (self._shard_of(self._cursor) in self._done
+                                                  or self._shard_of(self._cursor) not in self._mine):
             self._cursor += 1
         if self._cursor >= len(self.keys):
             raise ShardError(f"{self.spec.stage}: got item {key!r} but every item is already written")
@@ -267,6 +277,8 @@ class ShardWriter:
 
     def commit(self) -> Manifest:
         """Write the manifest once every shard exists; returns it."""
+        if self.partial:
+            raise ShardError(f"{self.spec.stage}: a writer restricted to some shards cannot commit the set")
         if self.complete:
             assert self.manifest is not None
             return self.manifest
@@ -296,7 +308,7 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._bar is not None:
             self._bar.close()
-        if exc_type is None:
+        if exc_type is None and not self.partial:
             self.commit()
 
 

@@ -32,6 +32,8 @@ class StageDef:
     description: str
     modules: tuple[str, ...]
     run: Callable[[Params], Path]
+    needs: tuple[str, ...] = ()  # upstream stages (run first by `plan`)
+    fan_out: bool = False  # writes one shard set through write_stage, so it can run in parts
 
 
 _PART: ContextVar[tuple[int, int] | None] = ContextVar("grounding_shard_part", default=None)
@@ -135,7 +137,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("prepare", "canonical dataset from user files or the synthetic generator",
                  ("grounding.data.prepare",), _run_prepare),
         StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)",
-                 ("grounding.data.gt",), _run_gt_boxes),
+                 ("grounding.data.gt",), _run_gt_boxes, needs=("prepare",), fan_out=True),
     )
 }
 
@@ -150,6 +152,27 @@ def get(name: str) -> StageDef:
         return STAGES[name]
     except KeyError:
         raise KeyError(f"unknown stage {name!r}; stages are {sorted(STAGES)}") from None
+
+
+def plan(targets: Iterable[str]) -> list[str]:
+    """The stages needed for ``targets`` (their ``needs`` closure), in a dependency order."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ValueError(f"stage dependency cycle through {name!r}")
+        visiting.add(name)
+        for dep in get(name).needs:
+            visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for t in targets:
+        visit(t)
+    return order
 
 
 def run(name: str, params: Params) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,8 +21,9 @@ data_app = typer.Typer(help="Prepare and describe canonical datasets.", no_args_
 shards_app = typer.Typer(help="Inspect, verify and render shard sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(shards_app, name="shards")
-console = Console()
-err = Console(stderr=True)
+_WIDTH = None if sys.stdout.isatty() else 200  # piped output (logs, CI): wide tables, nothing truncated
+console = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
 
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file")
 SetOpt = typer.Option(None, "--set", "-s", help="override a param: key.path=value (repeatable)")

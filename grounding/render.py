@@ -105,8 +105,11 @@ def render_row(shard_dir: str | Path, key: str, out: str | Path, *, dataset: str
             x1, y1, x2, y2 = (float(v) for v in b)
             draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=2)
             text = _label_for(row, classes, i)
-            if text:
-                draw.text((x1 + 2, y1 + 1), text, fill=colour, font=font)
+            if text:  # label on a filled tab so it stays readable over any background
+                tx, ty = x1, max(0.0, y1 - 11)
+                bbox = draw.textbbox((tx + 2, ty), text, font=font)
+                draw.rectangle([bbox[0] - 2, bbox[1] - 1, bbox[2] + 2, bbox[3] + 1], fill=colour)
+                draw.text((tx + 2, ty), text, fill=(0, 0, 0), font=font)
     if target.gt_box is not None:
         x1, y1, x2, y2 = target.gt_box
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=GT_COLOUR, width=2)

@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# WordNet 3.0 (wordnet-labels stage): Debian's wordnet-base + wordnet-sense-index, only when missing
+	@# and GROUNDING_WORDNET_DIR is unset (root or sudo; CI runs as root); then laid out for NLTK in .venv.
+	@if [ -z "$$GROUNDING_WORDNET_DIR" ] && ! [ -f /usr/share/wordnet/data.noun -a -f /usr/share/wordnet/index.sense ]; then \
+	  S=; [ "$$(id -u)" = 0 ] || S=sudo; I="$$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index"; \
+	  echo "installing WordNet 3.0: apt-get install wordnet-base wordnet-sense-index"; \
+	  $$I >/dev/null || { $$S apt-get update -qq && $$I >/dev/null; } || { echo "could not install WordNet 3.0: run 'sudo apt-get install wordnet-base wordnet-sense-index' or set GROUNDING_WORDNET_DIR to a WordNet 3.0 dict directory" >&2; exit 1; }; \
+	fi
+	$(PY) -m grounding.teachers.wordnet_db install
 	touch $(STAMP)
 
 demo: $(STAMP)

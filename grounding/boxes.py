@@ -20,9 +20,11 @@ BoxFormat = Literal["xyxy", "xywh", "cxcywh"]
 BOX_FORMATS: tuple[str, ...] = ("xyxy", "xywh", "cxcywh")
 
 
-def as_boxes(boxes: np.ndarray | torch.Tensor | list, *, name: str = "boxes") -> np.ndarray:
-    """Return ``boxes`` as a ``(N, 4)`` float32 array; raise ``ValueError`` naming the bad shape or row."""
-    arr = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float32)
+def as_boxes(boxes: np.ndarray | torch.Tensor | list, *, name: str = "boxes",
+             dtype: type = np.float32) -> np.ndarray:
+    """Return ``boxes`` as a ``(N, 4)`` array of ``dtype`` (float32 unless a caller needs the exact float64
+    values of its input); raise ``ValueError`` naming the bad shape or row."""
+    arr = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=dtype)
     if arr.ndim == 1 and arr.shape[0] == 4:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[-1] != 4:
@@ -34,17 +36,19 @@ def as_boxes(boxes: np.ndarray | torch.Tensor | list, *, name: str = "boxes") ->
     return arr
 
 
-def convert(boxes: np.ndarray | list, in_fmt: str, out_fmt: str) -> np.ndarray:
-    """Convert ``(N, 4)`` boxes between ``"xyxy" | "xywh" | "cxcywh"``; returns float32 ``(N, 4)``."""
+def convert(boxes: np.ndarray | list, in_fmt: str, out_fmt: str, *, dtype: type = np.float32) -> np.ndarray:
+    """Convert ``(N, 4)`` boxes between ``"xyxy" | "xywh" | "cxcywh"``; returns ``(N, 4)`` of ``dtype``.
+
+    The arithmetic is float64 on the input's own values, so a float32 xyxy box exported as float64 xywh
+    (``dtype=np.float64``, e.g. into JSON) and read back gives the identical float32 xyxy box."""
     for fmt in (in_fmt, out_fmt):
         if fmt not in BOX_FORMATS:
             raise ValueError(f"unsupported box format {fmt!r}; expected one of {BOX_FORMATS}")
-    arr = as_boxes(boxes)
+    arr = as_boxes(boxes, dtype=np.float64)
     if in_fmt == out_fmt:
-        return arr.copy()
-    # float64 inside so that xywh -> xyxy -> xywh round-trips exactly for float32 inputs.
-    out = box_convert(torch.from_numpy(arr.astype(np.float64)), in_fmt=in_fmt, out_fmt=out_fmt)
-    return out.numpy().astype(np.float32)
+        return arr.astype(dtype)
+    out = box_convert(torch.from_numpy(arr), in_fmt=in_fmt, out_fmt=out_fmt)
+    return out.numpy().astype(dtype)
 
 
 def validate_xyxy(

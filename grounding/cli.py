@@ -49,16 +49,24 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 
 @app.command("run")
 def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding stages`)"),
-              params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+              params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
+              deps: bool = typer.Option(True, "--deps/--no-deps", help="bring upstream stages up to date first")) -> None:
     """Run one stage (or reuse its cached output) and print where the output is."""
     from grounding import stages
+    from grounding.data.schema import DataError
+    from grounding.shards import ShardError
 
     p = _params(params, set_)
     try:
-        out = stages.run(stage, p)
+        names = stages.plan([stage]) if deps else [stages.get(stage).name]
     except KeyError as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
-    console.print(f"[green]{stage}[/green] → {out}")
+    for name in names:
+        try:
+            out = stages.run(name, p)
+        except (DataError, ShardError, C.ConfigError, FileNotFoundError) as e:
+            _fail(f"stage {name}: {e}")
+        console.print(f"[green]{name}[/green] → {out}")
 
 
 @app.command("stages")

@@ -51,3 +51,12 @@ def test_letterbox_maps_back_exactly(w: int, h: int) -> None:
     np.testing.assert_allclose(fwd[0], [lb.dx, lb.dy, lb.dx + lb.new_w, lb.dy + lb.new_h], atol=1e-4)
     np.testing.assert_allclose(lb.inverse(fwd), boxes, atol=1e-3)
     assert B.Letterbox.from_array(lb.as_array()).forward(boxes).tolist() == fwd.tolist()
+
+
+def test_float64_export_reads_back_to_the_same_float32_box() -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 600, (500, 2)).astype(np.float32)
+    xyxy = np.concatenate([xy, xy + rng.uniform(1, 90, (500, 2)).astype(np.float32)], 1)
+    xywh64 = B.convert(xyxy, "xyxy", "xywh", dtype=np.float64)
+    as_json = [[float(v) for v in row] for row in xywh64]  # what an export writes
+    np.testing.assert_array_equal(B.convert(as_json, "xywh", "xyxy"), xyxy)

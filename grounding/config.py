@@ -64,28 +64,176 @@ class PathParams(_Section):
 
 
 # ---- teachers (each section is owned by the module that implements the teacher) ----------------------
+class BootstrapParams(_Section):
+    """Tiny-teacher training on the synthetic train split (used only when ``weights`` is null)."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    input_size: int | None = Field(None, ge=32)  # training canvas; null = the teacher's input_size
+
+
+class YoloBootstrapParams(BootstrapParams):
+    """Bootstrap of the scaled YOLOv3 (ultralytics' trainer, mosaic augmentation: more, cheaper epochs)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    input_size: int | None = Field(320, ge=32)
+
+
+def _check_input_size(v: int) -> int:
+    if v % 32:
+        raise ValueError(f"input_size must be a multiple of 32 (the largest stride), got {v}")
+    return v
+
+
 class DetectorParams(_Section):
-    """A detector teacher (``teachers.frcnn``, ``teachers.fcos``). Filled in by the detector stages."""
+    """A detector teacher (``teachers.frcnn``, ``teachers.fcos``).
+
+    ``arch``: a torchvision builder name (``fasterrcnn_resnet50_fpn``, ``fcos_resnet50_fpn``, ...) or
+    ``tiny`` (the small architecture the bootstrap trains); for ``backend: mmdet`` an mmdet config name.
+    ``weights``: a local weights file (never downloaded); null trains a tiny teacher on the synthetic
+    train split (``bootstrap``). ``classes``: detector class names (null: from the weights file, the
+    torchvision COCO list for 91-class COCO archs, or the dataset). Images are letterboxed into an
+    ``input_size`` square (mean padding) before the model; boxes are stored in original pixels.
+    """
 
     backend: Literal["torchvision", "mmdet"] = "torchvision"
+    arch: str = "tiny"
     weights: str | None = None
+    classes: list[str] | None = None
+    input_size: int = Field(320, ge=32)
+    batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(1, ge=0)
+    max_detections: int = Field(100, ge=1)  # Faster R-CNN: detections kept per image
+    score_thresh: float = Field(0.0, ge=0, lt=1)
+    nms_thresh: float = Field(0.5, gt=0, le=1)
+    bootstrap: BootstrapParams = BootstrapParams()
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size_multiple_of_32(cls, v: int) -> int:
+        return _check_input_size(v)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        if v == "mmdet":
+            import importlib.util
+
+            if not all(importlib.util.find_spec(m) for m in ("mmdet", "mmcv", "mmengine")) or \
+                    importlib.util.find_spec("mmcv._ext") is None:
+                raise ValueError("mmdet backend needs mmdet+mmcv with ops; see README for `make mmdet` "
+                                 "(mmdet, mmengine or mmcv's compiled ops are not importable here)")
+        return v
 
 
 class YoloParams(_Section):
-    """The YOLOv3 anchor teacher (``teachers.yolo``). Filled in by the detector stages."""
+    """The YOLOv3 anchor teacher (``teachers.yolo``, ultralytics).
 
+    ``config``: an ultralytics model yaml shipped with the package (``yolov3.yaml``) or a local yaml,
+    scaled by ``depth_multiple``/``width_multiple`` when given (null: as the yaml says). ``weights``: a
+    local state-dict file (null: bootstrap a tiny teacher). Images are letterboxed to ``input_size``
+    (416 gives RefCLIP's 13x13 stride-32 grid) with grey ``pad_value`` padding as ultralytics does;
+    the top ``keep_ratio`` of stride-32 cells by confidence are kept.
+    """
+
+    backend: Literal["ultralytics"] = "ultralytics"
+    config: str = "yolov3.yaml"
+    depth_multiple: float | None = Field(0.33, gt=0)
+    width_multiple: float | None = Field(0.125, gt=0)
     weights: str | None = None
+    classes: list[str] | None = None
+    input_size: int = Field(416, ge=32)
+    pad_value: int = Field(114, ge=0, le=255)
     keep_ratio: float = Field(0.1, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(1, ge=0)
+    bootstrap: YoloBootstrapParams = YoloBootstrapParams()
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size_multiple_of_32(cls, v: int) -> int:
+        return _check_input_size(v)
+
+
+class ClipBootstrapParams(_Section):
+    """Contrastive training of the tiny CLIP on the dataset's ``split`` (used only when ``pretrained`` is
+    null): ``steps`` AdamW steps, each on ``batch_size`` (image, sentence) pairs plus as many (GT-box
+    crop, phrase) pairs; one-cycle learning-rate schedule peaking at ``lr``."""
+
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    split: str = "train"
 
 
 class ClipParams(_Section):
-    """The CLIP teacher (``teachers.clip``). Filled in by the CLIP stages."""
+    """The CLIP teacher (``teachers.clip``, open_clip).
 
+    ``model``: an open_clip architecture name (``ViT-B-32``) or one shipped with grounding
+    (``grounding-tiny-clip``); ``model_config``: instead, a local open_clip model-config JSON file.
+    ``pretrained``: a local weights file (never a hub tag; nothing is downloaded); null trains the tiny
+    CLIP on the dataset (``bootstrap``). ``preprocess``: overrides of open_clip's preprocessing fields
+    (``resize_mode``, ``interpolation``, ...; null = the model's own). ``prompts``: templates for class
+    names. ``crops_from``: the stage whose ragged ``boxes`` are cropped (a detector stage or ``gt-boxes``).
+    ``classes_from``: the stage whose manifest ``extra.classes`` lists the detector classes.
+    ``qam_threshold``: BiCM's Thr_a on the min-max normalised, upsampled query attention map.
+    ``device``/``batch_size``/``num_workers`` change speed, not outputs (beyond float rounding).
+    """
+
+    model: str = "grounding-tiny-clip"
+    model_config_file: str | None = Field(None, alias="model_config")
     pretrained: str | None = None
+    preprocess: dict[str, Any] | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(1, ge=0)
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of a {}"])
+    crops_from: str = "gt-boxes"
+    classes_from: str = "gt-boxes"
+    max_crops_per_image: int = Field(100, ge=1)
+    qam_threshold: float = Field(0.7, ge=0, lt=1)
+    eval_split: str = "val"
+    bootstrap: ClipBootstrapParams = ClipBootstrapParams()
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_have_slot(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("prompts must list at least one template")
+        for t in v:
+            if t.count("{}") != 1:
+                raise ValueError(f"prompt template {t!r} must contain exactly one '{{}}'")
+        return v
 
 
 class WordnetParams(_Section):
-    """WordNet soft labels (``teachers.wordnet``). Filled in by the WordNet stage."""
+    """WordNet soft labels (``teachers.wordnet``; see grounding/teachers/wordnet.py).
+
+    ``tagger``: head-noun path, ``auto`` (NLTK's POS tagger when its data is installed, else the WordNet
+    fallback) | ``nltk`` | ``fallback``. Class vocabulary: ``classes`` (a list), else the manifest
+    ``extra.classes`` of the stage named by ``classes_from`` (a detector stage), else the synthetic world's
+    classes. ``class_senses``: which WordNet senses of a class name count (``concrete`` | ``first`` |
+    ``all``); ``class_synsets`` pins them per class (``{mouse: [mouse.n.04]}``)."""
+
+    tagger: Literal["auto", "nltk", "fallback"] = "auto"
+    classes: list[str] | None = None
+    classes_from: str | None = None
+    class_senses: Literal["concrete", "first", "all"] = "concrete"
+    class_synsets: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_nonempty_unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v or any(not isinstance(c, str) or not c.strip() for c in v):
+                raise ValueError("classes must be a non-empty list of non-empty names")
+            if len(set(v)) != len(v):
+                raise ValueError(f"classes has duplicates: {sorted({c for c in v if v.count(c) > 1})}")
+        return v
 
 
 class TeachersParams(_Section):
@@ -98,6 +246,35 @@ class TeachersParams(_Section):
     wordnet: WordnetParams = WordnetParams()
 
 
+class RefclipParams(_Section):
+    """RefCLIP (SEEDS 003) trained on the cached ``anchors_from`` shard set. Paper values: 25 epochs,
+    batch 64, Adam 1e-4, N = 2 negative anchors per image, max query length 15 (20 for ReferIt)."""
+
+    anchors_from: str = "yolo-anchors"
+    epochs: int = Field(25, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    n_neg: int = Field(2, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_len: int = Field(15, ge=1)
+    word_dim: int = Field(300, ge=1)
+    hidden: int = Field(512, ge=8)
+    n_self_attention: int = Field(1, ge=0)
+    heads: int = Field(8, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    visual_mlp: Literal[1, 2] = 1
+    glove: str | None = None  # a local GloVe .txt whose vectors have word_dim values
+    export_format: Literal["simrec", "transvg"] = "simrec"
+    transvg_dataset: str = "unc"  # which TransVG convention the export follows (unc: xywh; referit/flickr: xyxy)
+
+    @field_validator("hidden")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"hidden must be even (bi-GRU halves), got {v}")
+        return v
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -108,6 +285,7 @@ class Params(_Section):
     shards: ShardParams = ShardParams()
     paths: PathParams = PathParams()
     teachers: TeachersParams = TeachersParams()
+    refclip: RefclipParams = RefclipParams()
 
     def prepared_dir(self) -> Path:
         return Path(self.paths.prepared) / self.dataset.name

@@ -131,6 +131,57 @@ def _run_gt_boxes(params: Params) -> Path:
     )
 
 
+def _run_wordnet_labels(params: Params) -> Path:
+    from grounding.teachers.wordnet import run_wordnet_labels
+
+    return run_wordnet_labels(params)
+
+
+def _lazy(module: str, fn: str) -> Callable[[Params], Path]:
+    """A stage function imported on first call (keeps `import grounding.stages` light)."""
+
+    def run_(params: Params) -> Path:
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(params)
+
+    run_.__name__ = fn
+    return run_
+
+
+def _detector_stages() -> tuple[StageDef, ...]:
+    """Detector teachers (issue 5): tiny-teacher bootstraps and the three caching stages."""
+
+    def call(module: str, fn: str) -> Callable[[Params], Path]:
+        def run_(params: Params) -> Path:
+            import importlib
+
+            return getattr(importlib.import_module(module), fn)(params)
+
+        run_.__name__ = fn
+        return run_
+
+    boot, det = "grounding.teachers.bootstrap", "grounding.teachers.detectors"
+    mods = (det, "grounding.teachers.detectors.tiny", "grounding.boxes", "grounding.data.images")
+    return (
+        StageDef("bootstrap-frcnn", "tiny Faster R-CNN trained on the synthetic train split (when no weights)",
+                 (boot, f"{det}.torchvision_rcnn", *mods), call(boot, "run_bootstrap_frcnn"), needs=("prepare",)),
+        StageDef("bootstrap-fcos", "tiny FCOS trained on the synthetic train split (when no weights)",
+                 (boot, f"{det}.fcos", *mods), call(boot, "run_bootstrap_fcos"), needs=("prepare",)),
+        StageDef("bootstrap-yolo", "scaled YOLOv3 trained with ultralytics on the synthetic train split",
+                 (boot, f"{det}.yolo", *mods), call(boot, "run_bootstrap_yolo"), needs=("prepare",)),
+        StageDef("frcnn-proposals", "Faster R-CNN top-100 boxes, scores, class probabilities, RoI features",
+                 (f"{det}.torchvision_rcnn", *mods), call(f"{det}.torchvision_rcnn", "run_frcnn_proposals"),
+                 needs=("prepare", "bootstrap-frcnn"), fan_out=True),
+        StageDef("fcos-points", "FCOS P5 points: ltrb/xyxy boxes, centerness and class logits",
+                 (f"{det}.fcos", *mods), call(f"{det}.fcos", "run_fcos_points"),
+                 needs=("prepare", "bootstrap-fcos"), fan_out=True),
+        StageDef("yolo-anchors", "YOLOv3 stride-32 cells: neck features, boxes, confidence; top keep_ratio kept",
+                 (f"{det}.yolo", *mods), call(f"{det}.yolo", "run_yolo_anchors"),
+                 needs=("prepare", "bootstrap-yolo"), fan_out=True),
+    )
+
+
 STAGES: dict[str, StageDef] = {
     s.name: s
     for s in (
@@ -138,6 +189,41 @@ STAGES: dict[str, StageDef] = {
                  ("grounding.data.prepare",), _run_prepare),
         StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)",
                  ("grounding.data.gt",), _run_gt_boxes, needs=("prepare",), fan_out=True),
+        StageDef("wordnet-labels", "phrase head noun -> soft label over the detector classes (WordNet 3.0)",
+                 ("grounding.teachers.wordnet", "grounding.teachers.wordnet_db"), _run_wordnet_labels,
+                 needs=("prepare",), fan_out=True),
+        *_detector_stages(),
+        StageDef("refclip-train", "RefCLIP anchor-text model trained on the cached YOLOv3 anchors",
+                 ("grounding.refclip.train",), _lazy("grounding.refclip.train", "run_refclip_train"),
+                 needs=("yolo-anchors",)),
+        StageDef("refclip-pseudo", "RefCLIP pseudo-box per sentence + Acc@0.5 (data/metrics/refclip.json)",
+                 ("grounding.refclip.pseudo",), _lazy("grounding.refclip.pseudo", "run_refclip_pseudo"),
+                 needs=("refclip-train",)),
+        StageDef("refclip-export", "pseudo-labels as SimREC JSON and TransVG .pth",
+                 ("grounding.refclip.export",), _lazy("grounding.refclip.export", "run_refclip_export"),
+                 needs=("refclip-pseudo",)),
+        # CLIP teacher (issue 4): bootstrap (only when teachers.clip.pretrained is null), five caches, sanity
+        StageDef("bootstrap-clip", "tiny CLIP trained contrastively on the train split (when no weights)",
+                 ("grounding.teachers.clip_bootstrap", "grounding.teachers.clip"),
+                 _lazy("grounding.teachers.clip_bootstrap", "run_bootstrap_clip"), needs=("prepare",)),
+        StageDef("clip-image", "CLIP embedding per image (L2-normalised, float16)",
+                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_image"),
+                 needs=("prepare", "bootstrap-clip"), fan_out=True),
+        StageDef("clip-text", "CLIP embedding per sentence, token count and truncation flag",
+                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_text"),
+                 needs=("prepare", "bootstrap-clip"), fan_out=True),
+        StageDef("clip-classes", "CLIP embedding per detector class name (mean over prompt templates)",
+                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_classes"),
+                 needs=("gt-boxes", "bootstrap-clip"), fan_out=True),
+        StageDef("clip-crops", "CLIP embedding per proposal crop (teachers.clip.crops_from boxes)",
+                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_crops"),
+                 needs=("gt-boxes", "bootstrap-clip"), fan_out=True),
+        StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t",
+                 ("grounding.teachers.clip", "grounding.teachers.qam"), _lazy("grounding.teachers.clip", "run_qam"),
+                 needs=("prepare", "bootstrap-clip"), fan_out=True),
+        StageDef("clip-eval", "CLIP sanity figures on the eval split -> data/metrics/clip.json",
+                 ("grounding.teachers.clip_eval",), _lazy("grounding.teachers.clip_eval", "run_clip_eval"),
+                 needs=("clip-image", "clip-text", "clip-crops", "clip-classes", "qam")),
     )
 }
 

@@ -21,6 +21,8 @@ data_app = typer.Typer(help="Prepare and describe canonical datasets.", no_args_
 shards_app = typer.Typer(help="Inspect, verify and render shard sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(shards_app, name="shards")
+export_app = typer.Typer(help="Export pseudo-labels for existing students.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 _WIDTH = None if sys.stdout.isatty() else 200  # piped output (logs, CI): wide tables, nothing truncated
 console = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
@@ -283,6 +285,32 @@ def shards_render(path: str, key: str, out: str = typer.Option(..., "--out", "-o
     except (KeyError, ShardError, DataError) as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     console.print(f"wrote {dest}")
+
+
+@export_app.command("pseudo")
+def export_pseudo_cmd(
+    format: str = typer.Option(..., "--format", "-f", help="simrec (JSON, xywh) or transvg (.pth per split)"),
+    out: str = typer.Option(..., "--out", "-o", help="simrec: a .json file; transvg: a directory"),
+    shard_dir: Optional[str] = typer.Option(None, "--from", help="pseudo-box shard set (default: refclip-pseudo)"),
+    transvg_dataset: Optional[str] = typer.Option(None, help="TransVG convention: unc, unc+, gref, gref_umd, referit, flickr"),
+    pseudo_split: Optional[List[str]] = typer.Option(None, "--pseudo-split", help="splits given pseudo-boxes (default: train)"),
+    params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Write RefCLIP pseudo-labels (training splits) and GT (other splits) in a student's format."""
+    from grounding.data.schema import CanonicalDataset, DataError
+    from grounding.refclip.export import export_pseudo
+    from grounding.shards import ShardError
+
+    p = _params(params, set_)
+    src = Path(shard_dir) if shard_dir else p.teacher_dir("refclip-pseudo")
+    try:
+        ds = CanonicalDataset.load(p.prepared_dir())
+        files = export_pseudo(src, ds, out, format, pseudo_splits=pseudo_split or ["train"],
+                              transvg_dataset=transvg_dataset or p.refclip.transvg_dataset)
+    except (DataError, ShardError, ValueError) as e:
+        _fail(str(e))
+    for f in files:
+        console.print(f"wrote {f}")
 
 
 if __name__ == "__main__":

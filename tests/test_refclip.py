@@ -192,3 +192,22 @@ def test_exports_round_trip_through_the_readers(trained: config.Params) -> None:
     assert set(item) >= {"iid", "bbox", "cat_id", "refs", "mask_id"}
     prov = json.loads((out / "simrec" / f"{ds.name}.provenance.json").read_text())
     assert prov["pseudo_splits"] == ["train"] and prov["boxes_by_split"]["val"] == {"gt": len(doc["val"])}
+
+
+def test_export_cli(trained: config.Params, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from grounding.cli import app
+
+    sets = [f"--set=paths.{k}={getattr(trained.paths, k)}" for k in ("prepared", "teachers", "models", "metrics")]
+    sets.append(f"--set=dataset.synthetic.n_images={N_IMAGES}")
+    res = CliRunner().invoke(app, ["export", "pseudo", "--format", "transvg", "-o", str(tmp_path / "tv"),
+                                   "--transvg-dataset", "referit", *sets])
+    assert res.exit_code == 0, res.output
+    rows = torch.load(tmp_path / "tv" / "referit" / "referit_train.pth", weights_only=True)
+    ps = ShardSet(trained.teacher_dir("refclip-pseudo"))
+    ds = CanonicalDataset.load(trained.prepared_dir())
+    first = next(r for r in ds.refs if r.split == "train")
+    assert list(rows[0][2]) == [float(v) for v in ps.get(first.ref_id)["box"]]  # referit: xyxy as is
+    res = CliRunner().invoke(app, ["export", "pseudo", "--format", "coco", "-o", str(tmp_path / "x"), *sets])
+    assert res.exit_code == 1 and "unknown export format" in res.output

@@ -1,0 +1,6 @@
+"""DVC stage `wordnet-labels`: see grounding.stages.STAGES["wordnet-labels"]."""
+
+from stages import main
+
+if __name__ == "__main__":
+    main("wordnet-labels")

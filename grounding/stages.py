@@ -229,7 +229,12 @@ STAGES: dict[str, StageDef] = {
 
 
 #: The main job, in dependency order: what `grounding demo` (and `make demo`) runs.
-PIPELINE: tuple[str, ...] = ("prepare", "gt-boxes")
+PIPELINE: tuple[str, ...] = (
+    "prepare", "gt-boxes", "wordnet-labels",
+    "bootstrap-frcnn", "frcnn-proposals", "bootstrap-fcos", "fcos-points", "bootstrap-yolo", "yolo-anchors",
+    "refclip-train", "refclip-pseudo", "refclip-export",
+    "bootstrap-clip", "clip-image", "clip-text", "clip-classes", "clip-crops", "qam", "clip-eval",
+)
 
 
 def get(name: str) -> StageDef:

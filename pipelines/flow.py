@@ -92,7 +92,7 @@ def grounding_flow(target: str = "all", params_file: str = "params.yaml", overri
     log = get_run_logger()
     extra = [f"dataset.name={dataset}"] if dataset else []
     params = config.load(params_file, [*(overrides or []), *extra])
-    doc = params.model_dump(mode="json")
+    doc = params.model_dump(mode="json", by_alias=True)  # aliases (e.g. teachers.clip.model_config) re-validate
     outputs: dict[str, str] = {}
     for name in stages_for(target):
         if fan_out > 1 and stages.get(name).fan_out:

@@ -29,3 +29,8 @@ def test_overrides_are_parsed_and_validated(tmp_path: Path) -> None:
         C.load(ROOT / "params.yaml", ["dataset.format=coco"])
     with pytest.raises(C.ConfigError, match="not found"):
         C.load(tmp_path / "missing.yaml")
+
+
+def test_dump_and_reload_round_trips() -> None:
+    p = C.load(ROOT / "params.yaml")
+    assert C.from_dict(p.model_dump(mode="json", by_alias=True)) == p  # what the Prefect flow sends to tasks

@@ -4,6 +4,7 @@ runs through a real Prefect server on 127.0.0.1 (slow tests, run by CI)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+
+
+#: Small settings for orchestration tests: the point is the wiring, not the teachers' quality.
+FAST = ["teachers.yolo.bootstrap.epochs=1", "refclip.epochs=2", "refclip.hidden=32", "refclip.word_dim=16",
+        "refclip.heads=2"]
 
 
 def digests(d: Path) -> dict[str, str]:
@@ -63,25 +69,27 @@ def test_dvc_repro_then_prefect_reuses_everything(tmp_path: Path, prefect_backen
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
+    from grounding.config import apply_override
+
     doc = yaml.safe_load((repo / "params.yaml").read_text())
-    doc["dataset"]["synthetic"]["n_images"] = 12
-    doc["progress"] = False
+    for o in ["dataset.synthetic.n_images=12", "progress=false", *FAST]:
+        apply_override(doc, o)
     (repo / "params.yaml").write_text(yaml.safe_dump(doc))
     env = env_with_venv()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    first = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    first = subprocess.run(["dvc", "repro", "refclip-export"], cwd=repo, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
-    second = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    second = subprocess.run(["dvc", "repro", "refclip-export"], cwd=repo, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "up to date" in second.stdout, second.stdout
-    shard_dir = repo / "data" / "teachers" / "gt-boxes" / "synthetic"
-    before = mtimes(shard_dir)
+    shard_dirs = [repo / "data" / "teachers" / s / "synthetic" for s in ("yolo-anchors", "refclip-pseudo")]
+    before = [mtimes(d) for d in shard_dirs]
 
     from pipelines.flow import grounding_flow
 
     monkeypatch.chdir(repo)
-    out = grounding_flow(target="all", params_file="params.yaml")
-    assert Path(out["gt-boxes"]) == Path("data/teachers/gt-boxes/synthetic")
-    assert mtimes(shard_dir) == before  # nothing recomputed or rewritten
+    out = grounding_flow(target="refclip-teacher", params_file="params.yaml")
+    assert Path(out["refclip-pseudo"]) == Path("data/teachers/refclip-pseudo/synthetic")
+    assert [mtimes(d) for d in shard_dirs] == before  # Prefect reused what DVC made: nothing rewritten
 
 
 def test_fan_out_on_dask_is_byte_identical(tmp_path: Path, prefect_backend) -> None:
@@ -135,13 +143,14 @@ def test_served_deployment_runs_through_a_local_server(tmp_path: Path) -> None:
                 break
             assert time.time() < deadline and serve.poll() is None, ls.stdout + ls.stderr
             time.sleep(2)
-        run = subprocess.run([str(VENV_BIN / "prefect"), "deployment", "run", "grounding/all",
-                              "--param", f"params_file={params}", "--watch", "--watch-timeout", "300"],
-                             env=client_env, capture_output=True, text=True, timeout=400)
+        run = subprocess.run([str(VENV_BIN / "prefect"), "deployment", "run", "grounding/refclip-teacher",
+                              "--param", f"params_file={params}", "--param", f"overrides={json.dumps(FAST)}",
+                              "--watch", "--watch-timeout", "500"],
+                             env=client_env, capture_output=True, text=True, timeout=560)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Completed" in run.stdout
-        manifest = tmp_path / "out" / "teachers" / "gt-boxes" / "synthetic" / "manifest.json"
-        assert manifest.exists()
+        assert (tmp_path / "out" / "teachers" / "refclip-pseudo" / "synthetic" / "manifest.json").exists()
+        assert (tmp_path / "out" / "teachers" / "refclip-export" / "synthetic" / "simrec" / "synthetic.json").exists()
     finally:
         for p in (serve, server):
             if p is not None:

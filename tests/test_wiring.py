@@ -25,6 +25,7 @@ def test_dvc_stages_are_registered_thin_entry_points() -> None:
         assert any(d.startswith("stages/") for d in st["deps"])
         for dep in stages.get(name).needs:
             assert dep in dvc, f"{name} needs {dep}, which dvc.yaml lacks"
+    assert sorted(dvc) == sorted(stages.STAGES), "dvc.yaml and the stage registry list different stages"
 
 
 def test_prefect_deployments_match_targets() -> None:

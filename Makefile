@@ -41,3 +41,17 @@ repro: $(STAMP)
 
 clean:
 	rm -rf data/prepared data/teachers data/students data/metrics models/* .pytest_cache
+
+# Optional mmdet backend for teachers.frcnn/fcos (backend: mmdet). Not part of `make test`: mmcv 2.1.0 (the
+# newest mmdet 3.3.0 accepts) has no wheel for torch 2.14; its sdist needs pkg_resources (setuptools<70),
+# --no-build-isolation, and -std=c++20 instead of the c++14/17 its setup.py forces. ~35 min on 2 cores.
+.PHONY: mmdet
+mmdet: $(STAMP)
+	rm -rf .cache/mmcv-build && mkdir -p .cache/mmcv-build
+	$(PYTHON) -m venv .cache/mmcv-build/dl && .cache/mmcv-build/dl/bin/pip install --quiet "setuptools<70"
+	cd .cache/mmcv-build && dl/bin/pip download --quiet --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0
+	cd .cache/mmcv-build && tar xzf mmcv-2.1.0.tar.gz && sed -i 's/-std=c++1[47]/-std=c++20/g' mmcv-2.1.0/setup.py
+	$(PY) -m pip install --quiet "setuptools<70" ninja
+	cd .cache/mmcv-build/mmcv-2.1.0 && MMCV_WITH_OPS=1 MAX_JOBS=2 $(abspath $(PY)) -m pip install --no-build-isolation .
+	$(PY) -m pip install --quiet mmengine==0.10.7 mmdet==3.3.0
+	$(PY) -c "import mmcv.ops, mmdet; print('mmdet', mmdet.__version__, 'mmcv', mmcv.__version__, 'with ops')"

@@ -78,7 +78,7 @@ class YoloBootstrapParams(BootstrapParams):
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
-    input_size: int | None = Field(320, ge=32)
+    input_size: int | None = Field(416, ge=32)
 
 
 def _check_input_size(v: int) -> int:
@@ -128,18 +128,26 @@ class DetectorParams(_Section):
         return v
 
 
+class FcosParams(DetectorParams):
+    """The FCOS teacher (``teachers.fcos``): as :class:`DetectorParams`, with a 512 canvas by default so the
+    P5 (stride-32) grid, the only level PBREC reads, has 16x16 points."""
+
+    input_size: int = Field(512, ge=32)
+
+
 class YoloParams(_Section):
     """The YOLOv3 anchor teacher (``teachers.yolo``, ultralytics).
 
-    ``config``: an ultralytics model yaml shipped with the package (``yolov3.yaml``) or a local yaml,
-    scaled by ``depth_multiple``/``width_multiple`` when given (null: as the yaml says). ``weights``: a
+    ``config``: a model yaml shipped with grounding (``yolov3-p5.yaml``: YOLOv3 detecting on the stride-32
+    level only, the default for the bootstrap), with ultralytics (``yolov3.yaml`` for real YOLOv3 weights)
+    or a local file, scaled by ``depth_multiple``/``width_multiple`` when given (null: as the yaml says). ``weights``: a
     local state-dict file (null: bootstrap a tiny teacher). Images are letterboxed to ``input_size``
     (416 gives RefCLIP's 13x13 stride-32 grid) with grey ``pad_value`` padding as ultralytics does;
     the top ``keep_ratio`` of stride-32 cells by confidence are kept.
     """
 
     backend: Literal["ultralytics"] = "ultralytics"
-    config: str = "yolov3.yaml"
+    config: str = "yolov3-p5.yaml"
     depth_multiple: float | None = Field(0.33, gt=0)
     width_multiple: float | None = Field(0.125, gt=0)
     weights: str | None = None
@@ -162,11 +170,12 @@ class ClipBootstrapParams(_Section):
     null): ``steps`` AdamW steps, each on ``batch_size`` (image, sentence) pairs plus as many (GT-box
     crop, phrase) pairs; one-cycle learning-rate schedule peaking at ``lr``."""
 
-    steps: int = Field(500, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     split: str = "train"
+    threads: int | None = Field(1, ge=1)  # torch threads while training; 1: same bytes on any machine
 
 
 class ClipParams(_Section):
@@ -240,7 +249,7 @@ class TeachersParams(_Section):
     """One section per teacher."""
 
     frcnn: DetectorParams = DetectorParams()
-    fcos: DetectorParams = DetectorParams()
+    fcos: FcosParams = FcosParams()
     yolo: YoloParams = YoloParams()
     clip: ClipParams = ClipParams()
     wordnet: WordnetParams = WordnetParams()

@@ -1,0 +1,259 @@
+"""Tiny teachers for the embedded synthetic default: small detectors trained from scratch, in-pipeline.
+
+With no ``teachers.<name>.weights`` in the params, the detector stages use a tiny teacher trained here on
+the GT boxes of the synthetic *train* split (the synthetic world is the project's oracle; real datasets
+must name real weights). Stages ``bootstrap-frcnn``, ``bootstrap-fcos``, ``bootstrap-yolo`` write
+``<paths.models>/bootstrap/<teacher>/<dataset>.pt`` through :func:`grounding.artefacts.build_once`: the
+key covers the dataset fingerprint, architecture, training params, seed, library versions and the code of
+this module and the detector's, so unchanged inputs train nothing. CPU runs are deterministic for a fixed
+seed (torch deterministic algorithms, single-process data loading).
+
+Weights files are ``{"format": "grounding-detector-v1", arch/config, classes, "state_dict"}`` and load
+with ``torch.load(weights_only=True)``; the teacher identity hashes the file actually written.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from grounding.artefacts import build_once
+from grounding.config import ConfigError, Params
+from grounding.data.gt import gt_regions
+from grounding.data.images import load_rgb
+from grounding.data.schema import CanonicalDataset
+from grounding.runtime import seed_everything
+from grounding.shards.keys import code_version, digest
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_TEACHERS = ("frcnn", "fcos", "yolo")
+_DETECTOR_MODULE = {"frcnn": "grounding.teachers.detectors.torchvision_rcnn",
+                    "fcos": "grounding.teachers.detectors.fcos", "yolo": "grounding.teachers.detectors.yolo"}
+
+
+def bootstrap_path(params: Params, teacher: str) -> Path:
+    """Where the tiny ``teacher`` trained on the current dataset lives."""
+    return Path(params.paths.models) / "bootstrap" / teacher / f"{params.dataset.name}.pt"
+
+
+def detector_classes(ds: CanonicalDataset) -> list[str]:
+    """Class list of a bootstrapped detector: the synthetic world's classes (stable order)."""
+    from grounding.data.synthetic import CLASSES
+
+    return list(CLASSES)
+
+
+def train_samples(ds: CanonicalDataset, classes: list[str], split: str = "train"
+                  ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(image_id, boxes (K, 4) float32 xyxy original pixels, labels (K,) int64 into classes)`` for the
+    images of ``split`` that have at least one GT box."""
+    in_split = {r.image_id for r in ds.refs if r.split == split}
+    out = []
+    for image_id, reg in gt_regions(ds, classes):
+        if image_id in in_split and len(reg["boxes"]) and (reg["labels"] >= 0).all():
+            out.append((image_id, reg["boxes"], reg["labels"].astype(np.int64)))
+    return out
+
+
+def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
+    """Key of the tiny teacher: everything that shapes the weights file."""
+    cfg = getattr(params.teachers, teacher)
+    libs = ("torch", "torchvision", "ultralytics") if teacher == "yolo" else ("torch", "torchvision")
+    arch = ({"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
+            if teacher == "yolo" else {"arch": cfg.arch})
+    return digest({
+        "teacher": teacher, **arch, "input_size": cfg.input_size, "bootstrap": cfg.bootstrap, "seed": params.seed,
+        "dataset": ds.fingerprint(), "libraries": {lib: md.version(lib) for lib in libs},
+        "code": code_version([__name__, _DETECTOR_MODULE[teacher], "grounding.teachers.detectors.tiny"]),
+    })
+
+
+def bootstrap(params: Params, teacher: str) -> Path:
+    """Train (once per key) the tiny ``teacher`` on the synthetic train split; returns the weights file."""
+    if teacher not in BOOTSTRAP_TEACHERS:
+        raise KeyError(f"no bootstrap for {teacher!r}; teachers are {BOOTSTRAP_TEACHERS}")
+    if params.dataset.format != "synthetic":
+        raise ConfigError(f"teachers.{teacher}.weights is required for dataset format {params.dataset.format!r}: "
+                          "tiny teachers are bootstrapped only for the synthetic dataset")
+    ds = CanonicalDataset.load(params.prepared_dir())
+    key = bootstrap_key(params, teacher, ds)
+    train: Callable[[Params, CanonicalDataset, Path, str], dict[str, Any]] = (
+        _train_yolo if teacher == "yolo" else _train_torchvision)
+    provenance: dict[str, Any] = {"teacher": teacher, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
+                                  "seed": params.seed}
+
+    def build(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        provenance.update(train(params, ds, tmp, teacher) | {"train_seconds": round(time.perf_counter() - t0, 1)})
+        log.info("bootstrap-%s: trained in %.0f s", teacher, provenance["train_seconds"])
+
+    return build_once(bootstrap_path(params, teacher), key, build, provenance)
+
+
+# ---- torchvision (Faster R-CNN, FCOS) ------------------------------------------------------------------------
+def _train_torchvision(params: Params, ds: CanonicalDataset, out: Path, teacher: str) -> dict[str, Any]:
+    """Train a torchvision Faster R-CNN or FCOS (AdamW, warm-up + cosine, horizontal flips) on letterboxed
+    canvases of the train split; writes the weights file ``out``."""
+    from grounding.teachers.detectors import IMAGENET_MEAN, letterbox_image, save_checkpoint
+
+    cfg = getattr(params.teachers, teacher)
+    boot = cfg.bootstrap
+    size = boot.input_size or cfg.input_size
+    classes = detector_classes(ds)
+    gen = seed_everything(params.seed)
+    model = _build_torchvision(teacher, cfg.arch, len(classes), size)
+    index = ds.image_index
+    canvases, targets = [], []
+    for image_id, boxes, labels in train_samples(ds, classes):
+        canvas, lb = letterbox_image(load_rgb(ds.image_root, index[image_id]), size, IMAGENET_MEAN)
+        canvases.append(canvas)
+        targets.append((torch.from_numpy(lb.forward(boxes)),
+                        torch.from_numpy(labels + (1 if teacher == "frcnn" else 0))))
+    if not canvases:
+        raise ConfigError(f"bootstrap-{teacher}: the train split of {ds.name} has no GT boxes to train on")
+    steps_per_epoch = math.ceil(len(canvases) / boot.batch_size)
+    total = steps_per_epoch * boot.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=boot.lr, weight_decay=1e-4)
+    warmup = min(50, total // 4 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model.train()
+    losses: list[float] = []
+    for _epoch in range(boot.epochs):
+        order = torch.randperm(len(canvases), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            idx = order[b * boot.batch_size:(b + 1) * boot.batch_size]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            imgs, tgts = [], []
+            for i, f in zip(idx, flip.tolist()):
+                img, (boxes, labels) = canvases[i], targets[i]
+                if f:  # horizontal flip of the canvas and its boxes (x -> size - x)
+                    img = img.flip(-1)
+                    boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+                imgs.append(img)
+                tgts.append({"boxes": boxes, "labels": labels})
+            loss = sum(model(imgs, tgts).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    save_checkpoint(out, model.state_dict(), library="torchvision", arch=cfg.arch, classes=classes,
+                    input_size=size)
+    return {"arch": cfg.arch, "input_size": size, "epochs": boot.epochs, "steps": total,
+            "train_images": len(canvases), "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4)}
+
+
+def _build_torchvision(teacher: str, arch: str, n_classes: int, size: int) -> torch.nn.Module:
+    if teacher == "frcnn":
+        from grounding.teachers.detectors.torchvision_rcnn import build_faster_rcnn
+
+        return build_faster_rcnn(arch, n_classes + 1, input_size=size)
+    from grounding.teachers.detectors.fcos import build_fcos
+
+    return build_fcos(arch, n_classes, input_size=size)
+
+
+# ---- ultralytics (YOLOv3) ----------------------------------------------------------------------------------
+def _write_yolo_dataset(ds: CanonicalDataset, classes: list[str], root: Path) -> Path:
+    """The train split in ultralytics' layout (images/ symlinks, labels/ ``cls cx cy w h`` normalised);
+    returns the data yaml (val = train: validation is switched off)."""
+    import yaml
+
+    images, labels = root / "images" / "train", root / "labels" / "train"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    index = ds.image_index
+    for image_id, boxes, lab in train_samples(ds, classes):
+        rec = index[image_id]
+        src = (ds.image_root / rec.path).resolve()
+        dst = images / f"{image_id}{src.suffix}"
+        if not dst.exists():
+            os.symlink(src, dst)
+        w, h = rec.width, rec.height
+        lines = [f"{c} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+                 f"{(b[3] - b[1]) / h:.6f}" for b, c in zip(boxes.tolist(), lab.tolist())]
+        (labels / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root.resolve()), "train": "images/train", "val": "images/train",
+                                    "names": dict(enumerate(classes))}))
+    return data
+
+
+def _train_yolo(params: Params, ds: CanonicalDataset, out: Path, teacher: str = "yolo") -> dict[str, Any]:
+    """Train the scaled YOLOv3 with ultralytics' own trainer (offline, no plots, no validation) in a
+    temporary work dir beside ``out``; writes its state dict to ``out``."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from grounding.teachers.detectors import save_checkpoint
+    from grounding.teachers.detectors.yolo import model_config, offline_ultralytics
+
+    cfg = params.teachers.yolo
+    boot = cfg.bootstrap
+    classes = detector_classes(ds)
+    seed_everything(params.seed)
+    work = Path(tempfile.mkdtemp(prefix="yolo-", dir=out.parent))
+    try:
+        offline_ultralytics(work / "config")
+        from ultralytics import YOLO
+
+        data = _write_yolo_dataset(ds, classes, work / "data")
+        model_yaml = work / "model.yaml"
+        arch = model_config(cfg.config, len(classes), cfg.depth_multiple, cfg.width_multiple)
+        model_yaml.write_text(yaml.safe_dump(arch))
+        model = YOLO(str(model_yaml), task="detect")
+        model.train(data=str(data), epochs=boot.epochs, imgsz=boot.input_size or cfg.input_size,
+                    batch=boot.batch_size, lr0=boot.lr, optimizer="AdamW", workers=0, device="cpu",
+                    seed=params.seed, deterministic=True, plots=False, val=False, amp=False, pretrained=False,
+                    project=str((work / "runs").resolve()), name="train", exist_ok=True, verbose=False,
+                    cache=False, save=True, close_mosaic=max(1, boot.epochs // 5),
+                    # a short run: ultralytics' defaults would accumulate gradients up to a nominal batch of
+                    # 64 and spend >= 100 iterations warming up, i.e. the whole run, so the model never trains
+                    nbs=boot.batch_size, warmup_epochs=0)
+        # the final EMA weights: last.pt (ultralytics reloads best.pt, which without validation is an early epoch)
+        from ultralytics.nn.tasks import load_checkpoint as load_ultralytics_checkpoint
+
+        trained, _ = load_ultralytics_checkpoint(model.trainer.last)  # our own file, written just now
+        save_checkpoint(out, trained.float().state_dict(), library="ultralytics", config=arch,
+                        classes=classes, input_size=boot.input_size or cfg.input_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple,
+            "input_size": boot.input_size or cfg.input_size, "epochs": boot.epochs}
+
+
+# ---- stage run functions ----------------------------------------------------------------------------------
+def run_bootstrap_frcnn(params: Params) -> Path:
+    """Stage ``bootstrap-frcnn``: the tiny Faster R-CNN weights file (no-op when weights are given)."""
+    return _run(params, "frcnn")
+
+
+def run_bootstrap_fcos(params: Params) -> Path:
+    """Stage ``bootstrap-fcos``: the tiny FCOS weights file (no-op when weights are given)."""
+    return _run(params, "fcos")
+
+
+def run_bootstrap_yolo(params: Params) -> Path:
+    """Stage ``bootstrap-yolo``: the tiny YOLOv3 weights file (no-op when weights are given)."""
+    return _run(params, "yolo")
+
+
+def _run(params: Params, teacher: str) -> Path:
+    weights = getattr(params.teachers, teacher).weights
+    if weights:
+        log.info("bootstrap-%s: teachers.%s.weights is set (%s); nothing to train", teacher, teacher, weights)
+        return Path(weights)
+    return bootstrap(params, teacher)

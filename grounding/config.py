@@ -168,7 +168,8 @@ class YoloParams(_Section):
 class ClipBootstrapParams(_Section):
     """Contrastive training of the tiny CLIP on the dataset's ``split`` (used only when ``pretrained`` is
     null): ``steps`` AdamW steps, each on ``batch_size`` (image, sentence) pairs plus as many (GT-box
-    crop, phrase) pairs; one-cycle learning-rate schedule peaking at ``lr``."""
+    crop, phrase) pairs, and (weight ``class_weight``) the crops against captions of their category
+    names; one-cycle learning-rate schedule peaking at ``lr``; ``threads`` torch threads."""
 
     steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=2)
@@ -176,6 +177,7 @@ class ClipBootstrapParams(_Section):
     weight_decay: float = Field(0.05, ge=0)
     split: str = "train"
     threads: int | None = Field(1, ge=1)  # torch threads while training; 1: same bytes on any machine
+    class_weight: float = Field(0.25, ge=0)  # weight of the crop vs class-name term (0: off)
 
 
 class ClipParams(_Section):

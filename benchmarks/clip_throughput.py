@@ -1,0 +1,116 @@
+"""CLIP teacher throughput: the ``clip-image`` stage end to end (read, decode, preprocess in DataLoader
+workers, forward, HDF5 write) against the bare model forward on pre-decoded tensors, same model, same batch
+size, measured side by side in one run (interleaved ``--repeats`` times). Goal: stage / bare >= 0.9.
+
+    python benchmarks/clip_throughput.py [--model ViT-B-32] [--images 128] [--batch-size 32]
+        [--num-workers 1] [--repeats 2]
+
+Random weights (throughput does not depend on what the weights learnt); images from the synthetic
+generator at 480-640 px JPEG (COCO-like sizes), generated into a temporary directory. Writes
+``benchmarks/out/clip_throughput.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32, num_workers: int = 1,
+                    repeats: int = 2, workdir: Path | None = None, min_size: int = 480, max_size: int = 640) -> dict[str, Any]:
+    """Measure images/s of the bare forward and of the ``clip-image`` stage body; returns the figures."""
+    from grounding import config as C
+    from grounding.data import synthetic
+    from grounding.data.images import load_rgb
+    from grounding.teachers import clip as T
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="clip_tp_"))
+    try:
+        ds = synthetic.generate(synthetic.SyntheticConfig(n_images=n_images, seed=0, min_size=min_size,
+                                                          max_size=max_size), work / "prepared" / "synthetic",
+                                progress=False)
+        ds.save(work / "prepared" / "synthetic")
+        params = C.from_dict({
+            "device": "cpu", "progress": False,
+            "paths": {k: str(work / k) for k in ("prepared", "teachers", "students", "metrics", "models")},
+            "teachers": {"clip": {"model": model, "batch_size": batch_size, "num_workers": num_workers}},
+        })
+        spec = T.model_spec(params.teachers.clip)
+        torch.manual_seed(0)
+        net = T.create_model(spec).requires_grad_(False)
+        teacher = T.ClipTeacher(spec, T.teacher_identity(spec, "fp32", "random-init-seed-0"), torch.device("cpu"),
+                                None, extra={"weights_file": "random"}, prebuilt=net)
+        tf = T.transform_of(spec.preprocess)
+        pre = [tf(load_rgb(ds.image_root, im)) for im in ds.images]  # pre-decoded, outside the timing
+        batches = [torch.stack(pre[i:i + batch_size]) for i in range(0, len(pre), batch_size)]
+        T.encode_images(teacher, batches[0])  # warm-up (allocator, kernels)
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            for b in batches:
+                T.encode_images(teacher, b)
+            return time.perf_counter() - t0
+
+        def stage(i: int) -> float:
+            out = work / "teachers" / f"clip-image-{i}"
+            t0 = time.perf_counter()
+            T.write_clip_image(params, teacher, ds, out)
+            dt = time.perf_counter() - t0
+            shutil.rmtree(out)
+            return dt
+
+        t_bare, t_stage = [], []
+        for i in range(repeats):
+            t_bare.append(bare())
+            t_stage.append(stage(i))
+        bare_ips = n_images * repeats / sum(t_bare)
+        stage_ips = n_images * repeats / sum(t_stage)
+        return {
+            "model": model, "images": n_images, "image_sizes": [min_size, max_size], "batch_size": batch_size,
+            "num_workers": num_workers, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.processor() or platform.machine(),
+            "bare_images_per_s": round(bare_ips, 2), "stage_images_per_s": round(stage_ips, 2),
+            "ratio": round(stage_ips / bare_ips, 3),
+            "bare_seconds": [round(t, 2) for t in t_bare], "stage_seconds": [round(t, 2) for t in t_stage],
+        }
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def table(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"| CLIP {r['model']}, batch {r['batch_size']}, {r['num_workers']} worker(s), {r['torch_threads']} threads | images/s |",
+        "|---|---|",
+        f"| bare forward on pre-decoded tensors | {r['bare_images_per_s']} |",
+        f"| clip-image stage end to end | {r['stage_images_per_s']} |",
+        f"| ratio (goal >= 0.9) | {r['ratio']} |",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/clip_throughput.json")
+    a = ap.parse_args()
+    r = clip_throughput(a.model, a.images, a.batch_size, a.num_workers, a.repeats)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(r, indent=1) + "\n")
+    print(table(r))
+
+
+if __name__ == "__main__":
+    main()

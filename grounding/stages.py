@@ -131,12 +131,6 @@ def _run_gt_boxes(params: Params) -> Path:
     )
 
 
-def _run_wordnet_labels(params: Params) -> Path:
-    from grounding.teachers.wordnet import run_wordnet_labels
-
-    return run_wordnet_labels(params)
-
-
 def _lazy(module: str, fn: str) -> Callable[[Params], Path]:
     """A stage function imported on first call (keeps `import grounding.stages` light)."""
 
@@ -152,15 +146,7 @@ def _lazy(module: str, fn: str) -> Callable[[Params], Path]:
 def _detector_stages() -> tuple[StageDef, ...]:
     """Detector teachers (issue 5): tiny-teacher bootstraps and the three caching stages."""
 
-    def call(module: str, fn: str) -> Callable[[Params], Path]:
-        def run_(params: Params) -> Path:
-            import importlib
-
-            return getattr(importlib.import_module(module), fn)(params)
-
-        run_.__name__ = fn
-        return run_
-
+    call = _lazy
     boot, det = "grounding.teachers.bootstrap", "grounding.teachers.detectors"
     mods = (det, "grounding.teachers.detectors.tiny", "grounding.boxes", "grounding.data.images")
     return (
@@ -190,7 +176,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)",
                  ("grounding.data.gt",), _run_gt_boxes, needs=("prepare",), fan_out=True),
         StageDef("wordnet-labels", "phrase head noun -> soft label over the detector classes (WordNet 3.0)",
-                 ("grounding.teachers.wordnet", "grounding.teachers.wordnet_db"), _run_wordnet_labels,
+                 ("grounding.teachers.wordnet", "grounding.teachers.wordnet_db"), _lazy("grounding.teachers.wordnet", "run_wordnet_labels"),
                  needs=("prepare",), fan_out=True),
         *_detector_stages(),
         StageDef("refclip-train", "RefCLIP anchor-text model trained on the cached YOLOv3 anchors",

@@ -39,7 +39,6 @@ from grounding.shards.manifest import (
 )
 
 SHARD_PATTERN = "shard-{:05d}.h5"
-RAGGED_CHUNK_BYTES = 64 * 1024
 
 
 class ItemFailed(RuntimeError):
@@ -321,8 +320,8 @@ def _shard_info(path: Path, keys: list[str], start: int, count: int) -> ShardInf
 def write_shard_file(path: Path, spec: ShardSetSpec, rows: list[tuple[str, dict[str, np.ndarray]]],
                      errors: list[dict[str, str]], item_start: int, item_count: int) -> None:
     """Write one HDF5 shard with a deterministic layout: ``key`` (fixed-width UTF-8 bytes), one contiguous
-    uncompressed dataset per fixed field, ``<field>/values`` (chunked) + ``<field>/offsets`` (int64) per
-    ragged field; no timestamps."""
+    uncompressed dataset per fixed field, ``<field>/values`` + ``<field>/offsets`` (int64), both contiguous,
+    per ragged field; no timestamps."""
     keys = [k.encode("utf-8") for k, _ in rows]
     width = max((len(k) for k in keys), default=1)
     with h5py.File(path, "w", libver="earliest", track_order=False) as f:
@@ -343,8 +342,7 @@ def write_shard_file(path: Path, spec: ShardSetSpec, rows: list[tuple[str, dict[
             lengths = np.array([len(a) for a in arrays], dtype=np.int64)
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             values = (np.concatenate(arrays) if arrays else np.zeros((0, *spec_f.shape), spec_f.np_dtype))
-            row_bytes = max(1, int(np.prod(spec_f.shape, dtype=np.int64)) * spec_f.np_dtype.itemsize)
-            chunk_rows = max(1, min(len(values), RAGGED_CHUNK_BYTES // row_bytes))
-            chunks = (chunk_rows, *spec_f.shape) if len(values) else None
-            g.create_dataset("values", data=values, chunks=chunks, track_times=False)
+            # Contiguous, not chunked (a departure from DESIGN.md §3): HDF5 allocates chunks at close time in
+            # metadata-cache order, which made the same content give different bytes in another process.
+            g.create_dataset("values", data=values, track_times=False)
             g.create_dataset("offsets", data=offsets, track_times=False)

@@ -171,7 +171,7 @@ class ClipBootstrapParams(_Section):
     crop, phrase) pairs, and (weight ``class_weight``) the crops against captions of their category
     names; one-cycle learning-rate schedule peaking at ``lr``; ``threads`` torch threads."""
 
-    steps: int = Field(400, ge=1)
+    steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)

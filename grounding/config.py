@@ -286,6 +286,11 @@ class RefclipParams(_Section):
         return v
 
 
+class StudentsParams(_Section):
+    """Students (issues 9 and 10): one sub-section per student stage. Students read teacher shard sets
+    only; they never run a teacher model."""
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -297,12 +302,16 @@ class Params(_Section):
     paths: PathParams = PathParams()
     teachers: TeachersParams = TeachersParams()
     refclip: RefclipParams = RefclipParams()
+    students: StudentsParams = StudentsParams()
 
     def prepared_dir(self) -> Path:
         return Path(self.paths.prepared) / self.dataset.name
 
     def teacher_dir(self, stage: str) -> Path:
         return Path(self.paths.teachers) / stage / self.dataset.name
+
+    def student_dir(self, stage: str) -> Path:
+        return Path(self.paths.students) / stage / self.dataset.name
 
 
 def apply_override(doc: dict[str, Any], assignment: str) -> None:

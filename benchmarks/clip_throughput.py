@@ -26,8 +26,11 @@ import torch
 
 
 def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32, num_workers: int = 1,
-                    repeats: int = 2, workdir: Path | None = None, min_size: int = 480, max_size: int = 640) -> dict[str, Any]:
-    """Measure images/s of the bare forward and of the ``clip-image`` stage body; returns the figures."""
+                    repeats: int = 2, workdir: Path | None = None, min_size: int = 480, max_size: int = 640,
+                    device: str = "auto") -> dict[str, Any]:
+    """Measure images/s of the bare forward and of the ``clip-image`` stage body on ``device`` (``auto``:
+    CUDA when present); returns the figures."""
+    from grounding.runtime import resolve_device
     from grounding import config as C
     from grounding.data import synthetic
     from grounding.data.images import load_rgb
@@ -40,14 +43,16 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
                                 progress=False)
         ds.save(work / "prepared" / "synthetic")
         params = C.from_dict({
-            "device": "cpu", "progress": False,
+            "device": device, "progress": False,
             "paths": {k: str(work / k) for k in ("prepared", "teachers", "students", "metrics", "models")},
             "teachers": {"clip": {"model": model, "batch_size": batch_size, "num_workers": num_workers}},
         })
         spec = T.model_spec(params.teachers.clip)
         torch.manual_seed(0)
-        net = T.create_model(spec).requires_grad_(False)
-        teacher = T.ClipTeacher(spec, T.teacher_identity(spec, "fp32", "random-init-seed-0"), torch.device("cpu"),
+        dev = resolve_device(device)
+        net = T.create_model(spec).requires_grad_(False).to(dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        teacher = T.ClipTeacher(spec, T.teacher_identity(spec, "fp32", "random-init-seed-0"), dev,
                                 None, extra={"weights_file": "random"}, prebuilt=net)
         tf = T.transform_of(spec.preprocess)
         pre = [tf(load_rgb(ds.image_root, im)) for im in ds.images]  # pre-decoded, outside the timing
@@ -58,6 +63,7 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
             t0 = time.perf_counter()
             for b in batches:
                 T.encode_images(teacher, b)
+            sync()
             return time.perf_counter() - t0
 
         def stage(i: int) -> float:
@@ -75,7 +81,7 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
         bare_ips = n_images * repeats / sum(t_bare)
         stage_ips = n_images * repeats / sum(t_stage)
         return {
-            "model": model, "images": n_images, "image_sizes": [min_size, max_size], "batch_size": batch_size,
+            "model": model, "device": str(dev), "images": n_images, "image_sizes": [min_size, max_size], "batch_size": batch_size,
             "num_workers": num_workers, "repeats": repeats, "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.processor() or platform.machine(),
             "bare_images_per_s": round(bare_ips, 2), "stage_images_per_s": round(stage_ips, 2),
@@ -89,7 +95,7 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
 
 def table(r: dict[str, Any]) -> str:
     return "\n".join([
-        f"| CLIP {r['model']}, batch {r['batch_size']}, {r['num_workers']} worker(s), {r['torch_threads']} threads | images/s |",
+        f"| CLIP {r['model']} on {r['device']}, batch {r['batch_size']}, {r['num_workers']} worker(s), {r['torch_threads']} threads | images/s |",
         "|---|---|",
         f"| bare forward on pre-decoded tensors | {r['bare_images_per_s']} |",
         f"| clip-image stage end to end | {r['stage_images_per_s']} |",
@@ -104,9 +110,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     ap.add_argument("--out", default="benchmarks/out/clip_throughput.json")
     a = ap.parse_args()
-    r = clip_throughput(a.model, a.images, a.batch_size, a.num_workers, a.repeats)
+    r = clip_throughput(a.model, a.images, a.batch_size, a.num_workers, a.repeats, device=a.device)
+    print(f"device: {r['device']}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(r, indent=1) + "\n")
     print(table(r))

@@ -5,10 +5,14 @@ DataLoader workers; shard writing is cheap).
 Detector part (``frcnn``, ``fcos``, ``yolo``): the bare model is ``Detector.forward`` (model + its own
 postprocessing) over letterboxed canvases prepared beforehand, batch by batch as the stage batches; the
 stage is the full ``<teacher>`` stage (decode + letterbox in workers, forward, conversion to rows, HDF5
-shards) into a temporary directory, over the same images. Other teachers add a ``bench_<name>`` function
-and an entry in :data:`BENCHES`.
+shards) into a temporary directory, over the same images.
 
-    python benchmarks/teacher_throughput.py [--only frcnn,fcos,yolo] [--set dataset.synthetic.n_images=40]
+CLIP part (``clip``): the ``clip-image`` stage end to end against the bare forward on pre-decoded tensors,
+ViT-B-32 with random weights on 480-640 px synthetic JPEGs (``benchmarks/clip_throughput.py``, which also
+runs alone with more options). Other teachers add a ``bench_<name>`` function and an entry in
+:data:`BENCHES`.
+
+    python benchmarks/teacher_throughput.py [--only frcnn,fcos,yolo,clip] [--set dataset.synthetic.n_images=40]
         [--random-weights]
 
 Needs the prepared dataset (``grounding run prepare``); uses the configured/bootstrapped weights, or
@@ -94,9 +98,23 @@ def bench_detector(teacher: str, params: C.Params, random_weights: bool, workdir
             "ratio": round(stage / bare, 3)}
 
 
+def bench_clip(params: C.Params, random_weights: bool, workdir: Path) -> dict:
+    """``clip-image`` stage vs bare forward, ViT-B-32 random weights (see ``clip_throughput.py``)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from clip_throughput import clip_throughput
+
+    r = clip_throughput(model="ViT-B-32", n_images=64, batch_size=params.teachers.clip.batch_size,
+                        num_workers=params.teachers.clip.num_workers, repeats=2, workdir=workdir / "clip",
+                        device=params.device)
+    return {"teacher": "clip", **r}
+
+
 #: name -> benchmark; each returns a dict with at least ``ratio``.
 BENCHES: dict[str, Callable[[C.Params, bool, Path], dict]] = {
-    t: (lambda params, rw, wd, t=t: bench_detector(t, params, rw, wd)) for t in TEACHERS
+    **{t: (lambda params, rw, wd, t=t: bench_detector(t, params, rw, wd)) for t in TEACHERS},
+    "clip": bench_clip,
 }
 
 

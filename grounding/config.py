@@ -48,9 +48,12 @@ class DatasetParams(_Section):
 
 
 class ShardParams(_Section):
-    """Shard layout: rows per shard file (the unit of atomic writes and of resume)."""
+    """Shard layout: rows per shard file (the unit of atomic writes and of resume); ``reuse_from``: names of
+    other datasets whose committed sets of the same stage may donate shards with the same content address
+    (incremental extension into a new dataset name; growing a dataset in place needs nothing)."""
 
     rows_per_shard: int = Field(1024, ge=1)
+    reuse_from: list[str] = Field(default_factory=list)
 
 
 class PathParams(_Section):
@@ -188,7 +191,8 @@ class ClipParams(_Section):
     ``pretrained``: a local weights file (never a hub tag; nothing is downloaded); null trains the tiny
     CLIP on the dataset (``bootstrap``). ``preprocess``: overrides of open_clip's preprocessing fields
     (``resize_mode``, ``interpolation``, ...; null = the model's own). ``prompts``: templates for class
-    names. ``crops_from``: the stage whose ragged ``boxes`` are cropped (a detector stage or ``gt-boxes``).
+    names. ``crops_from``: the stage whose ragged ``boxes`` are cropped (a detector stage, the default ``frcnn-proposals``
+    that BiCM scores, or ``gt-boxes`` for oracle crops).
     ``classes_from``: the stage whose manifest ``extra.classes`` lists the detector classes.
     ``qam_threshold``: BiCM's Thr_a on the min-max normalised, upsampled query attention map.
     ``device``/``batch_size``/``num_workers`` change speed, not outputs (beyond float rounding).
@@ -203,7 +207,7 @@ class ClipParams(_Section):
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(1, ge=0)
     prompts: list[str] = Field(default_factory=lambda: ["a photo of a {}"])
-    crops_from: str = "gt-boxes"
+    crops_from: str = "frcnn-proposals"
     classes_from: str = "gt-boxes"
     max_crops_per_image: int = Field(100, ge=1)
     qam_threshold: float = Field(0.7, ge=0, lt=1)
@@ -286,9 +290,168 @@ class RefclipParams(_Section):
         return v
 
 
+class TrunkParams(_Section):
+    """The TransVG-style REC trunk shared by the REC students (grounding/students/rec.py) and its training.
+
+    Backbone: torchvision ResNet of ``depth`` (10 = one block per stage; 18/34/50 as torchvision), from a
+    local state-dict file ``backbone_weights`` or random init (nothing is downloaded). Text: ``transformer``
+    or ``gru`` over open_clip's BPE token ids, or ``bert`` from a local ``bert_path`` (needs
+    ``transformers``). Images are letterboxed into ``input_size`` squares (mean padding). A step takes
+    ``batch_images`` images with all their training sentences; AdamW (``lr_backbone`` for the ResNet,
+    ``lr`` for the rest), learning rates times ``lr_gamma`` at each epoch in ``lr_drop``. ``threads``:
+    torch threads while training (fixed so CPU runs give the same numbers on any machine).
+    """
+
+    input_size: int = Field(640, ge=32)
+    depth: Literal[10, 18, 34, 50] = 18
+    width: float = Field(1.0, gt=0, le=1)  # multiplier on the ResNet stage widths (1: torchvision's)
+    backbone_weights: str | None = None
+    text_encoder: Literal["transformer", "gru", "bert"] = "transformer"
+    bert_path: str | None = None
+    max_len: int = Field(20, ge=2)
+    d_model: int = Field(256, ge=8)
+    text_layers: int = Field(2, ge=1)
+    fusion_layers: int = Field(6, ge=1)
+    heads: int = Field(8, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(90, ge=1)
+    batch_images: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_backbone: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_drop: list[int] = Field(default_factory=lambda: [60])
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    random_resize: list[int] = Field(default_factory=list)  # canvas sizes drawn per step (empty: off)
+    seeds: list[int] = Field(default_factory=lambda: [0])  # one training per seed; metrics: mean and each
+    threads: int | None = Field(1, ge=1)
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size_multiple_of_32(cls, v: int) -> int:
+        return _check_input_size(v)
+
+    @field_validator("random_resize")
+    @classmethod
+    def _sizes_multiple_of_32(cls, v: list[int]) -> list[int]:
+        for s in v:
+            _check_input_size(s)
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_nonempty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("seeds must list at least one seed")
+        return v
+
+
+class RecPseudoParams(TrunkParams):
+    """``student-rec-pseudo``: the trunk trained on RefCLIP pseudo-boxes of ``pseudo_from`` (never GT) with
+    random-resize augmentation and an EMA copy (``ema_decay``; ``ema_warmup``: decay min(d, (1+n)/(10+n))
+    over the first updates, as timm's ModelEma, so short runs do not average in the random init).
+    Loss: SmoothL1 + ``giou_weight`` * GIoU."""
+
+    pseudo_from: str = "refclip-pseudo"
+    pseudo_split: str = "train"
+    ema_decay: float = Field(0.9997, gt=0, lt=1)
+    ema_warmup: bool = True
+    giou_weight: float = Field(1.0, ge=0)
+    random_resize: list[int] = Field(default_factory=lambda: [448, 480, 512, 544, 576, 608, 640])
+
+
+class EpmvgParams(TrunkParams):
+    """``student-epmvg`` (EpmVG): GT boxes plus distillation from the cached CLIP image and text embeddings
+    (``image_from``/``text_from`` shard sets): L = SmoothL1 + giou_weight GIoU + alpha cos_v + beta cos_l.
+    ``distill: false`` trains the plain student; ``baseline: true`` also trains it beside the distilled one
+    (same seeds) and reports it under ``baselines``."""
+
+    distill: bool = True
+    baseline: bool = True
+    image_from: str = "clip-image"
+    text_from: str = "clip-text"
+    train_split: str = "train"
+    giou_weight: float = Field(1.0, ge=0)
+    alpha: float = Field(1.5, ge=0)
+    beta: float = Field(2.0, ge=0)
+
+
+class PbrecParams(TrunkParams):
+    """``student-pbrec`` (PBREC): a point head on the trunk's fused visual tokens, trained with BCE on
+    center-ness (FCOS formula, inside a 3g square around the GT box centre) and mass-ness (mask fraction of
+    the g x g cell, within 2g of the mask centroid) soft targets at the cached FCOS P5 points
+    (``points_from``); inference: the ``top_k`` points by score, then IoU voting (largest sum of IoU)."""
+
+    points_from: str = "fcos-points"
+    train_split: str = "train"
+    centerness_weight: float = Field(1.0, ge=0)
+    massness_weight: float = Field(1.0, ge=0)
+    score: Literal["centerness", "massness", "product"] = "centerness"
+    top_k: int = Field(12, ge=1)
+
+
+class NceDistillParams(_Section):
+    """NCE+Distill (SEEDS 002) on cached ``proposals_from`` regions and ``labels_from`` WordNet soft labels.
+
+    Paper values: 512-d joint space, τ = 0.5 for L_IS and L_RP, 31 in-batch negative images (batch 32),
+    λ = min(floor(step / lambda_step), lambda_max) with lambda_step = 200, lambda_max 1 (VG detector) or 3
+    (other detectors, as the bootstrapped one here).
+    ``geometry`` appends the box's relative xyxy and area to the cached RoI feature (our departure: the
+    synthetic phrases name positions). ``threads``: torch threads while training (1: same bytes anywhere)."""
+
+    proposals_from: str = "frcnn-proposals"
+    labels_from: str = "wordnet-labels"
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    embed_dim: int = Field(512, ge=8)
+    word_dim: int = Field(128, ge=1)
+    hidden: int = Field(256, ge=8)
+    max_len: int = Field(20, ge=1)
+    temperature: float = Field(0.5, gt=0)
+    lambda_step: int = Field(200, ge=1)
+    lambda_max: float = Field(3.0, ge=0)
+    geometry: bool = True
+    no_distill: bool = True  # also train and report the λ = 0 variant
+    train_split: str = "train"
+    threads: int | None = Field(1, ge=1)
+
+
+class BicmParams(_Section):
+    """BiCM (SEEDS 001) scored from cached CLIP crops/classes/text/image embeddings, QAM maps and boxes,
+    and ``proposals_from`` boxes. S_BU = S_PQ + S_CQ; S = S_BU + lambda_t * S_TD (+ lambda_k * S_KAM).
+
+    ``td_scale`` multiplies the mean of the cached min-max-normalised QAM map inside a box: the paper's
+    lambda_t = 1000 was set for raw att*ReLU(grad) maps, about 1e-3 of a [0, 1] map ("similar orders of
+    magnitude"), so the default keeps lambda_t * td_scale * S_TD in [0, 1]. KAM: each ``kam_split`` image
+    paired with its most CLIP-similar query, pseudo-label where the fused score > ``thr_k``; MLP (3 FC + BN +
+    ReLU, sigmoid), Adam ``kam_lr``, ``kam_epochs``; regions with IoU >= ``kam_pos_iou`` with the pseudo
+    box are positives. ``select``: the final box, ``largest_above_mean`` (the paper's rule) or ``argmax``."""
+
+    proposals_from: str = "frcnn-proposals"
+    lambda_t: float = Field(1000.0, ge=0)
+    td_scale: float = Field(1e-3, gt=0)
+    thr_k: float = 0.9
+    lambda_k: float = Field(1.0, ge=0)
+    kam_split: str = "train"
+    kam_epochs: int = Field(50, ge=1)
+    kam_lr: float = Field(1e-4, gt=0)
+    kam_batch_size: int = Field(1024, ge=2)
+    kam_hidden: int = Field(512, ge=4)
+    kam_pos_iou: float = Field(0.5, gt=0, le=1)
+    select: Literal["largest_above_mean", "argmax"] = "largest_above_mean"
+    threads: int | None = Field(1, ge=1)
+
+
 class StudentsParams(_Section):
     """Students (issues 9 and 10): one sub-section per student stage. Students read teacher shard sets
     only; they never run a teacher model."""
+
+    nce_distill: NceDistillParams = NceDistillParams()
+    bicm: BicmParams = BicmParams()
+
+    rec: RecPseudoParams = RecPseudoParams()
+    epmvg: EpmvgParams = EpmvgParams()
+    pbrec: PbrecParams = PbrecParams()
 
 
 class Params(_Section):

@@ -7,6 +7,8 @@ cache. ``run`` returns the output directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -14,12 +16,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from grounding import __version__
 from grounding.config import Params
-from grounding.data.schema import CanonicalDataset
+from grounding.data.schema import DATASET_FILE, CanonicalDataset, canonical_json
 from grounding.shards import FieldSpec, ShardSetSpec, ShardWriter, code_version, stage_key
+from grounding.shards.keys import content_base
 
 log = logging.getLogger(__name__)
 
@@ -67,34 +70,106 @@ def write_stage(
     teacher: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     out_dir: Path | None = None,
+    item_hashes: Mapping[str, str] | Callable[[str], str] | str | None = "auto",
+    item_inputs: tuple[str, ...] = ("dataset",),
 ) -> Path:
     """Key, resume and write one shard set.
 
     ``rows(todo_keys)`` yields ``(key, row)`` for the keys still missing, in order; yielding an exception
     instead of a row records that item as failed (``on_error`` decides whether that stops the stage).
+
+    Incremental extension: with per-item content hashes each shard is addressed by (stage, code, teacher,
+    params, the inputs not in ``item_inputs``) + its members' keys and hashes, so when the dataset grows,
+    shards whose items are unchanged are kept (or copied from the same stage's sets of the datasets named
+    in ``shards.reuse_from``) and only the others are computed. ``item_hashes="auto"`` derives them from
+    the prepared dataset when ``inputs["dataset"]`` is its fingerprint and the items are its images or
+    sentences (:func:`dataset_item_hashes`). This is valid only if a row depends on the dataset through its
+    own item alone (anything dataset-wide that shapes rows, e.g. a class list, belongs in ``stage_params``);
+    a stage that breaks this passes ``item_hashes=None``.
     """
     out = out_dir or params.teacher_dir(stage)
-    key = stage_key(stage, code_version([*modules, "grounding.shards.writer"]), teacher, stage_params, inputs)
+    code = code_version([*modules, "grounding.shards.writer"])
+    key = stage_key(stage, code, teacher, stage_params, inputs)
+    hashes = _item_hashes(params, item_hashes, level, item_keys, inputs)
+    base = content_base(stage, code, teacher, stage_params, inputs, item_inputs) if hashes is not None else ""
     spec = ShardSetSpec(stage=stage, stage_key=key, level=level, fields=fields,
                         rows_per_shard=params.shards.rows_per_shard, teacher=dict(teacher or {}),
                         params=dict(stage_params), inputs=dict(inputs), extra=dict(extra or {}),
-                        on_error=params.dataset.on_error)
+                        on_error=params.dataset.on_error, content_base=base)
     part = _PART.get()
     shards = None
     if part is not None:
         n_shards = math.ceil(len(item_keys) / spec.rows_per_shard)
         shards = [i for i in range(n_shards) if i % part[1] == part[0]]
     desc = stage if part is None else f"{stage} [part {part[0] + 1}/{part[1]}]"
-    with ShardWriter(out, spec, item_keys, progress=params.progress, desc=desc, shards=shards) as w:
+    sources = [out.parent / name for name in params.shards.reuse_from if name != out.name]
+    with ShardWriter(out, spec, item_keys, progress=params.progress, desc=desc, shards=shards,
+                     item_hashes=hashes, reuse_from=sources) as w:
         if w.complete:
             log.info("%s: up to date at %s (key %s)", stage, out, key[:12])
             return out
-        for k, row in rows(list(w.todo())):
-            if isinstance(row, Exception):
-                w.skip(k, f"{type(row).__name__}: {row}")
-            else:
-                w.add(k, row)
+        if w.reused:
+            log.info("%s: %d of %d shards reused (%d kept, %d copied), computing %d rows", stage, len(w.reused),
+                     w.n_shards, sum(v == "kept" for v in w.reused.values()),
+                     sum(v == "copied" for v in w.reused.values()), len(w.todo_indices()))
+        todo = list(w.todo())
+        if todo:
+            for k, row in rows(todo):
+                if isinstance(row, Exception):
+                    w.skip(k, f"{type(row).__name__}: {row}")
+                else:
+                    w.add(k, row)
     return out
+
+
+def dataset_item_hashes(images: Sequence[Mapping[str, Any]], refs: Sequence[Mapping[str, Any]], level: str,
+                        item_keys: Sequence[str]) -> list[str] | None:
+    """Content hash of each item from the dataset's records (as stored in ``dataset.json``): for
+    image-level items the image record (incl. the sha256 of the file's bytes) and its sentences; for
+    sentence-level items the sentence record and its image's record. ``None`` when the items are not the
+    dataset's images (or sentences) of that level."""
+    def h(obj: Any) -> str:
+        return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+    by_image = {im["image_id"]: im for im in images}
+    if level == "image":
+        if not all(k in by_image for k in item_keys):
+            return None
+        per_image: dict[str, list[Mapping[str, Any]]] = {}
+        for r in refs:
+            per_image.setdefault(r["image_id"], []).append(r)
+        return [h({"image": by_image[k], "refs": per_image.get(k, [])}) for k in item_keys]
+    if level == "sentence":
+        by_ref = {r["ref_id"]: r for r in refs}
+        if not all(k in by_ref for k in item_keys):
+            return None
+        return [h({"ref": by_ref[k], "image": by_image[by_ref[k]["image_id"]]}) for k in item_keys]
+    return None
+
+
+def _item_hashes(params: Params, how: Mapping[str, str] | Callable[[str], str] | str | None, level: str,
+                 item_keys: list[str], inputs: Mapping[str, str]) -> list[str] | None:
+    """Per-item content hashes for :func:`write_stage` (``None``: shards addressed by the stage key).
+    ``"auto"`` reads the prepared ``dataset.json`` and uses it only when its recorded fingerprint is
+    ``inputs["dataset"]`` (the stage's own load checked that fingerprint against the content)."""
+    if how is None:
+        return None
+    if isinstance(how, str):
+        if how != "auto":
+            raise ValueError(f"item_hashes must be 'auto', None, a mapping or a callable, got {how!r}")
+        if "dataset" not in inputs or level not in ("image", "sentence"):
+            return None
+        try:
+            doc = json.loads((params.prepared_dir() / DATASET_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.debug("no item hashes (prepared dataset unreadable: %s)", e)
+            return None
+        if doc.get("fingerprint") != inputs["dataset"]:
+            return None
+        return dataset_item_hashes(doc["images"], doc["refs"], level, item_keys)
+    if callable(how):
+        return [str(how(k)) for k in item_keys]
+    return [str(how[k]) for k in item_keys]
 
 
 def dataset_extra(params: Params, ds: CanonicalDataset, out: Path) -> dict[str, Any]:
@@ -125,7 +200,7 @@ def _run_gt_boxes(params: Params) -> Path:
     return write_stage(
         params, stage="gt-boxes", modules=["grounding.data.gt", "grounding.stages"], level="image",
         fields=fields, item_keys=[im.image_id for im in ds.images],
-        rows=lambda todo: ((k, regions[k]) for k in todo), stage_params={},
+        rows=lambda todo: ((k, regions[k]) for k in todo), stage_params={"classes": classes},
         inputs={"dataset": ds.fingerprint()}, teacher={"name": "ground-truth", "package": __version__},
         extra={**dataset_extra(params, ds, out), "classes": classes}, out_dir=out,
     )
@@ -203,16 +278,45 @@ STAGES: dict[str, StageDef] = {
                  needs=("gt-boxes", "bootstrap-clip"), fan_out=True),
         StageDef("clip-crops", "CLIP embedding per proposal crop (teachers.clip.crops_from boxes)",
                  ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_crops"),
-                 needs=("gt-boxes", "bootstrap-clip"), fan_out=True),
+                 needs=("frcnn-proposals", "bootstrap-clip"), fan_out=True),
         StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t",
                  ("grounding.teachers.clip", "grounding.teachers.qam"), _lazy("grounding.teachers.clip", "run_qam"),
                  needs=("prepare", "bootstrap-clip"), fan_out=True),
         StageDef("clip-eval", "CLIP sanity figures on the eval split -> data/metrics/clip.json",
                  ("grounding.teachers.clip_eval",), _lazy("grounding.teachers.clip_eval", "run_clip_eval"),
                  needs=("clip-image", "clip-text", "clip-crops", "clip-classes", "qam")),
+        # REC students (issue 9): read teacher shard sets only
+        StageDef("student-rec-pseudo", "REC student (TransVG-style) taught by RefCLIP pseudo-boxes, random resize + EMA",
+                 ("grounding.students.rec", "grounding.students.common"),
+                 _lazy("grounding.students.rec", "run_student_rec_pseudo"), needs=("refclip-pseudo",)),
+        StageDef("student-epmvg", "EpmVG: REC student on GT + distillation from the cached CLIP image/text embeddings",
+                 ("grounding.students.epmvg", "grounding.students.rec", "grounding.students.common"),
+                 _lazy("grounding.students.epmvg", "run_student_epmvg"), needs=("clip-image", "clip-text")),
+        StageDef("student-pbrec", "PBREC: point head on the REC trunk ranking the cached FCOS P5 points",
+                 ("grounding.students.pbrec", "grounding.students.rec", "grounding.students.common"),
+                 _lazy("grounding.students.pbrec", "run_student_pbrec"), needs=("fcos-points",)),
+        # weakly supervised grounding students (issue 10): read teacher shard sets only
+        StageDef("student-nce-distill", "NCE+Distill: region-phrase NCE + WordNet/detector soft-target distillation",
+                 ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.students.common"),
+                 _lazy("grounding.students.nce_distill", "run_student_nce_distill"),
+                 needs=("frcnn-proposals", "wordnet-labels")),
+        StageDef("student-bicm", "BiCM from caches: COM (crop/class-query cosines) + QAM fusion + KAM MLP",
+                 ("grounding.students.bicm", "grounding.students.nce_distill", "grounding.students.common"),
+                 _lazy("grounding.students.bicm", "run_student_bicm"),
+                 needs=("frcnn-proposals", "clip-crops", "clip-classes", "clip-image", "clip-text", "qam")),
     )
 }
 
+
+def _register_evaluate() -> None:
+    """``evaluate`` needs every registered ``student-*`` stage (register students above this call)."""
+    students = tuple(sorted(n for n in STAGES if n.startswith("student-")))
+    STAGES["evaluate"] = StageDef("evaluate", "Acc@0.5 table of every student and its baselines (data/metrics/students.*)",
+                                  ("grounding.evaluate",), _lazy("grounding.evaluate", "run_evaluate"),
+                                  needs=students)
+
+
+_register_evaluate()
 
 #: The main job, in dependency order: what `grounding demo` (and `make demo`) runs.
 PIPELINE: tuple[str, ...] = (
@@ -220,6 +324,8 @@ PIPELINE: tuple[str, ...] = (
     "bootstrap-frcnn", "frcnn-proposals", "bootstrap-fcos", "fcos-points", "bootstrap-yolo", "yolo-anchors",
     "refclip-train", "refclip-pseudo", "refclip-export",
     "bootstrap-clip", "clip-image", "clip-text", "clip-classes", "clip-crops", "qam", "clip-eval",
+    "student-rec-pseudo", "student-epmvg", "student-pbrec", "student-nce-distill", "student-bicm",
+    "evaluate",  # keep last: it reads every student's metrics
 )
 
 

@@ -68,7 +68,8 @@ def make_doc(root: Path, cfg: Path, **clip: object) -> dict:
         "dataset": {"synthetic": {"n_images": 8, "min_size": 64, "max_size": 160}},
         "shards": {"rows_per_shard": 16},
         "paths": {k: str(root / k) for k in ("prepared", "teachers", "students", "metrics", "models")},
-        "teachers": {"clip": {"model_config": str(cfg), "batch_size": 4, "num_workers": 0, **clip}},
+        "teachers": {"clip": {"model_config": str(cfg), "batch_size": 4, "num_workers": 0,
+                              "crops_from": "gt-boxes", **clip}},  # no detector in this world: GT crops
     }
 
 
@@ -356,11 +357,12 @@ def test_end_to_end_bootstrap_five_stages_retrieval_above_chance(tmp_path: Path)
         "device": "cpu", "progress": False, "seed": 0,
         "dataset": {"synthetic": {"n_images": 80}},
         "paths": {k: str(tmp_path / k) for k in ("prepared", "teachers", "students", "metrics", "models")},
-        "teachers": {"clip": {"bootstrap": {"steps": 200}}},
+        "teachers": {"clip": {"bootstrap": {"steps": 200}, "crops_from": "gt-boxes"}},  # GT crops: no detector
     }
     params = C.from_dict(doc)
-    for stage in stages.plan(["clip-eval"]):
-        stages.run(stage, params)
+    for stage in stages.plan(["gt-boxes", "clip-eval"]):
+        if "frcnn" not in stage:  # clip-crops reads gt-boxes here, not the default frcnn-proposals
+            stages.run(stage, params)
     m = json.loads((tmp_path / "metrics" / "clip.json").read_text())
     assert m["split"] == "val" and m["images"] >= 5
     assert m["text_to_image_r5"] > m["text_to_image_r5_chance"] + 0.1

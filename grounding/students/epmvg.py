@@ -1,0 +1,157 @@
+"""EpmVG (SEEDS 000): the REC trunk supervised with GT boxes plus distillation from CLIP, read from the
+**cached** ``clip-image`` / ``clip-text`` shard sets (no CLIP forward during training).
+
+The student's visual tokens (before fusion, mean over tokens) and text tokens (before fusion, mean over
+non-padding tokens) are pooled to the CLIP dim D with ``AdaptiveAvgPool1d`` and pulled to the teacher's
+embeddings by cosine losses:  L = SmoothL1 + λ·GIoU + α·(1 − cos_v) + β·(1 − cos_l), λ = 1, α = 1.5, β = 2.
+AdamW (wd 1e-4), lr 1e-5 backbone / 1e-4 rest, step drop. ``distill: false`` is the plain student.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grounding.students import common as C
+from grounding.students import rec as R
+
+MODULES = ("grounding.students.epmvg", *R.MODULES)
+#: ``teacher(batch) -> (image_embedding (B, D), text_embedding (B, D))`` per sentence of the batch
+TeacherFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+
+
+def pooled(visual: torch.Tensor, image_index: torch.Tensor, text: torch.Tensor, pad: torch.Tensor,
+           dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student features pooled to the CLIP dim: visual tokens ``(B_img, N, d)`` (mean over tokens, picked per
+    sentence by ``image_index``) and text tokens ``(B, L, d)`` (mean over non-padding) -> ``(B, dim)`` each,
+    by ``AdaptiveAvgPool1d(dim)`` over the feature axis."""
+    v = visual.mean(dim=1)[image_index]  # [B,d]
+    keep = (~pad).unsqueeze(-1).to(text)  # [B,L,1]
+    t = (text * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # [B,d]
+    pool = nn.AdaptiveAvgPool1d(dim)
+    return pool(v.unsqueeze(1)).squeeze(1), pool(t.unsqueeze(1)).squeeze(1)
+
+
+def distill_loss(student_v: torch.Tensor, student_t: torch.Tensor, clip_v: torch.Tensor,
+                 clip_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine distances ``1 - cos`` (mean over the batch) of pooled student vs CLIP image and text features."""
+    cos_v = 1 - F.cosine_similarity(student_v, clip_v.to(student_v), dim=-1).mean()
+    cos_l = 1 - F.cosine_similarity(student_t, clip_t.to(student_t), dim=-1).mean()
+    return cos_v, cos_l
+
+
+def cached_teacher(data: R.RecBatches) -> TeacherFn:
+    """Teacher embeddings of a batch read from the shard sets joined in ``data.shards`` (names ``image``
+    and ``text``, field ``embedding``)."""
+
+    def fn(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = data.teacher(batch)
+        return t["image"]["embedding"].float(), t["text"]["embedding"].float()
+
+    return fn
+
+
+def epmvg_loss(data: R.RecBatches, ep: Any, teacher: TeacherFn | None, clip_dim: int) -> C.LossFn:
+    """The step loss of EpmVG (``teacher`` None: the plain SmoothL1 + GIoU student)."""
+
+    def loss_fn(model: nn.Module, batch: np.ndarray, size: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x, index, _ = data.inputs(batch, size)
+        b = torch.as_tensor(batch)
+        out = model(x, index, data.ids[b], data.pad[b])
+        loss, parts = R.box_loss(out["box"], data.targets[b], ep.giou_weight)
+        if teacher is not None:
+            clip_v, clip_t = teacher(batch)
+            sv, st = pooled(out["visual"], index, out["text"], out["pad"], clip_dim)
+            cos_v, cos_l = distill_loss(sv, st, clip_v, clip_t)
+            loss = loss + ep.alpha * cos_v + ep.beta * cos_l
+            parts |= {"cos_v": float(cos_v.detach()), "cos_l": float(cos_l.detach())}
+        return loss, parts
+
+    return loss_fn
+
+
+def epmvg_data(params: Any, ds: Any, stage: str = "student-epmvg") -> tuple[R.RecBatches, R.Tokenizer, dict[str, Any]]:
+    """Training data of the train split: GT targets, and the CLIP image/text shard sets joined per sentence
+    (checked with :func:`common.require_rows` first). Returns the data, tokenizer and the opened sets."""
+    from grounding.shards.torch import ShardDataset
+
+    ep = params.students.epmvg
+    train = [r for r in C.split_refs(ds, ep.train_split) if r.box is not None]
+    if not train:
+        raise ValueError(f"{stage}: dataset {ds.name} has no {ep.train_split!r} sentences with GT boxes")
+    keys = [r.ref_id for r in train]
+    images = C.teacher_set(params, ep.image_from, sorted({r.image_id for r in train}), ds, stage)
+    texts = C.teacher_set(params, ep.text_from, keys, ds, stage)
+    shards = ShardDataset({"text": texts, "image": images}, keys=keys,
+                          key_maps={"image": {r.ref_id: r.image_id for r in train}},
+                          fields={"text": ["embedding"], "image": ["embedding"]})
+    cfg = R.RecConfig.from_params(ep)
+    tok = R.Tokenizer(cfg)
+    data = R.RecBatches(ds, train, C.Canvases(ds, ep.input_size), tok,
+                        targets=np.array([r.box for r in train], np.float32), shards=shards)
+    return data, tok, {"image": images, "text": texts}
+
+
+def train_epmvg(data: R.RecBatches, ep: Any, seed: int, distill: bool, clip_dim: int, *,
+                teacher: TeacherFn | None = None, progress: bool = False) -> tuple[R.RecStudent, list[dict[str, float]]]:
+    """Train one EpmVG student (``distill``: with the cached teacher unless ``teacher`` is given)."""
+    from grounding.runtime import seed_everything
+
+    gen = seed_everything(seed)
+    model = R.RecStudent(R.RecConfig.from_params(ep))
+    t = (teacher or cached_teacher(data)) if distill else None
+    curve = C.fit(model, lambda g: C.image_batches(data.image_of, ep.batch_images, g),
+                  epmvg_loss(data, ep, t, clip_dim), ep, generator=gen, progress=progress,
+                  desc=f"student-epmvg{'' if distill else ' (no distill)'}")
+    return model, curve
+
+
+def run_student_epmvg(params: Any) -> Path:
+    """Stage ``student-epmvg``: the distilled student (``distill``) and, with ``baseline``, the plain one,
+    each per seed; weights (first seed of the main variant), predictions, metrics and curves."""
+    from grounding.data.schema import CanonicalDataset
+    from grounding.shards import file_sha256
+
+    stage, ep = "student-epmvg", params.students.epmvg
+    ds = CanonicalDataset.load(params.prepared_dir())
+    data, tok, sets = epmvg_data(params, ds, stage)
+    inputs = {"clip_image": sets["image"].manifest.stage_key, "clip_text": sets["text"].manifest.stage_key}
+    sp = ep.model_dump(mode="json") | {"seed": params.seed}
+    if C.outputs_current(params, stage, MODULES, ds, inputs, sp):
+        return params.student_dir(stage)
+    clip_dim = sets["text"].fields["embedding"].shape[0]
+    variants = [ep.distill] + ([not ep.distill] if ep.baseline else [])
+    every = R.RecBatches(ds, ds.refs, C.Canvases(ds, ep.input_size), tok)
+    results: dict[bool, list[dict[str, float]]] = {}
+    curves, first = [], None
+    with C.torch_threads(ep.threads):
+        for distill in variants:
+            for seed in ep.seeds:
+                model, curve = train_epmvg(data, ep, seed, distill, clip_dim, progress=params.progress)
+                pred = R.predict_boxes(model, every)
+                acc, n = C.acc_per_split(pred, ds)
+                results.setdefault(distill, []).append(acc)
+                curves += [{**row, "seed": seed, "distill": distill} for row in curve]
+                if first is None:
+                    first = (model, pred)
+    model, pred = first
+    mpath = C.model_path(params, stage)
+    R.save_checkpoint(mpath, {"state_dict": model}, R.RecConfig.from_params(ep),
+                      {"seed": ep.seeds[0], "distill": ep.distill})
+    name = lambda d: "distill" if d else "no distill"  # noqa: E731
+    baselines = {"centred box": C.centred_box_baseline(ds)}
+    if ep.baseline:
+        baselines[f"distill: {str(not ep.distill).lower()}"] = C.mean_acc(results[not ep.distill])
+    C.write_metrics(params, stage, C.mean_acc(results[ep.distill]), n, baselines,
+                    variants={name(d): {"mean": C.mean_acc(r), "seeds": dict(zip(map(str, ep.seeds), r))}
+                              for d, r in results.items()},
+                    trained_on=f"GT boxes of the {ep.train_split} split"
+                               + (f" + cached {ep.image_from}/{ep.text_from}" if ep.distill else ""))
+    C.write_json(C.curve_path(params, stage), curves)
+    return C.write_predictions(params, stage, MODULES, ds, pred, inputs, sp, file_sha256(mpath))
+

@@ -1,0 +1,495 @@
+"""NCE+Distill (SEEDS 002): weakly supervised phrase grounding trained on cached detector regions with a
+contrastive image-caption loss and the WordNet/detector teacher target, from shard sets only.
+
+* Region-phrase score ``s(x, y) = f(x)ᵀ g(y)``: ``f`` an FC branch over the cached RoI feature of a
+  ``proposals_from`` region (plus, with ``geometry``, its relative box and area), ``g`` an FC branch over an
+  LSTM of the phrase's word embeddings; both L2-normalised, ``embed_dim`` = 512.
+* A caption is the training phrases of one image; ``S(X, Y) = Σ_k max_l s(x_l, y_k)``.
+* ``L_IS``: NCE over the images of the batch (``batch_size - 1`` negatives), ``softmax(S / τ)``.
+* ``L_RP``: soft cross-entropy between ``softmax_l(s(x_l, y) / τ)`` over the image's regions and the teacher
+  target ``p̂(x, y) ∝ Σ_z p(y, z) p(z | x)`` (:func:`grounding.soft_targets.region_targets`; ``p(y, z)``
+  the ``labels_from`` soft label, ``p(z | x)`` the detector's non-background class posterior). Phrases
+  without a target (no WordNet match) are left out of ``L_RP``.
+* ``L = L_IS + λ L_RP`` with the staircase ``λ = min(floor(step / a), b)``.
+* Inference needs no detector score: the proposal with the highest ``s(x, y)`` is the phrase's box.
+
+GT boxes are never read in training (only to evaluate). No teacher model is run: everything comes from
+the cached shard sets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from grounding.artefacts import build_once
+from grounding.boxes import box_iou
+from grounding.config import Params
+from grounding.data.schema import CanonicalDataset, RefRecord
+from grounding.refclip.model import build_vocab, encode
+from grounding.runtime import seed_everything
+from grounding.shards import ShardSet, code_version, file_sha256, stage_key
+from grounding.soft_targets import region_targets
+from grounding.students.common import (
+    acc_per_split,
+    curve_path,
+    model_path,
+    teacher_set,
+    torch_threads,
+    write_json,
+    write_metrics,
+    write_predictions,
+)
+
+log = logging.getLogger(__name__)
+STAGE = "student-nce-distill"
+MODULES = ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.refclip.model")
+GEOMETRY_DIM = 5
+
+
+# ---- cached regions ---------------------------------------------------------------------------------------
+@dataclass
+class Regions:
+    """Proposals of ``image_ids`` padded to ``R`` = the largest count. ``boxes`` ``(N, R, 4)`` float32 xyxy
+    original pixels; ``mask`` ``(N, R)`` bool; ``features`` ``(N, R, F)`` float32 (RoI feature, then the
+    geometry when asked); ``class_probs`` ``(N, R, C)`` float32 p(z | x) without the background column;
+    ``scores`` ``(N, R)`` detector confidence; ``classes`` the C detector class names."""
+
+    image_ids: list[str]
+    boxes: np.ndarray
+    mask: np.ndarray
+    features: torch.Tensor
+    class_probs: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    @property
+    def row(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.image_ids)}
+
+
+def box_geometry(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """``(K, 5)`` float32: x1/W, y1/H, x2/W, y2/H and the box's area fraction of the image."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    rel = b / np.array([width, height, width, height], np.float32)
+    area = (rel[:, 2] - rel[:, 0]) * (rel[:, 3] - rel[:, 1])
+    return np.concatenate([rel, area[:, None]], axis=1).astype(np.float32)
+
+
+def detector_classes(proposals: ShardSet) -> list[str]:
+    """The detector's class names (``extra.classes``); the class_probs columns are background-first."""
+    classes = proposals.manifest.extra.get("classes")
+    if not classes:
+        raise ValueError(f"{proposals.path}: manifest has no extra.classes (detector class names)")
+    n = proposals.fields["class_probs"].shape[-1]
+    if n != len(classes) + 1:
+        raise ValueError(f"{proposals.path}: class_probs has {n} columns, expected background + {len(classes)} classes")
+    return list(classes)
+
+
+def load_regions(proposals: ShardSet, ds: CanonicalDataset, image_ids: Sequence[str], geometry: bool) -> Regions:
+    """Read the proposals of ``image_ids`` into padded arrays (see :class:`Regions`)."""
+    classes = detector_classes(proposals)
+    index = ds.image_index
+    rows = [proposals.get(i, ["boxes", "features", "class_probs", "scores", "labels"]) for i in image_ids]
+    r_max = max((len(r["boxes"]) for r in rows), default=0)
+    if r_max == 0:
+        raise ValueError(f"{proposals.path}: no proposals for the {len(image_ids)} images")
+    n, d, c = len(rows), proposals.fields["features"].shape[-1], len(classes)
+    fd = d + (GEOMETRY_DIM if geometry else 0)
+    boxes = np.zeros((n, r_max, 4), np.float32)
+    mask = np.zeros((n, r_max), bool)
+    feats = np.zeros((n, r_max, fd), np.float32)
+    probs = np.zeros((n, r_max, c), np.float32)
+    scores = np.zeros((n, r_max), np.float32)
+    labels = np.full((n, r_max), -1, np.int32)
+    for i, (im, r) in enumerate(zip(image_ids, rows)):
+        k = len(r["boxes"])
+        boxes[i, :k], mask[i, :k], scores[i, :k], labels[i, :k] = r["boxes"], True, r["scores"], r["labels"]
+        feats[i, :k, :d] = r["features"]
+        if geometry:
+            feats[i, :k, d:] = box_geometry(r["boxes"], index[im].width, index[im].height)
+        probs[i, :k] = np.asarray(r["class_probs"], np.float32)[:, 1:]  # drop the background column
+    return Regions(list(image_ids), boxes, mask, torch.from_numpy(feats), probs, scores, labels, classes)
+
+
+def soft_labels(labels_set: ShardSet, ref_ids: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """``(P, C)`` float32 WordNet soft labels p(y, z) of ``ref_ids``, columns reordered to ``classes``
+    (the detector's order); ``ValueError`` when a detector class is unknown to the label set."""
+    theirs = list(labels_set.manifest.extra.get("classes") or [])
+    missing = [c for c in classes if c not in theirs]
+    if missing:
+        raise ValueError(f"{labels_set.path}: labels have no column for detector classes {missing}")
+    cols = [theirs.index(c) for c in classes]
+    if not ref_ids:
+        return np.zeros((0, len(classes)), np.float32)
+    lab = np.stack([labels_set.get(k, ["label"])["label"] for k in ref_ids]).astype(np.float32)
+    return lab[:, cols]
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NceDistillConfig:
+    """Sizes of :class:`NceDistill`; ``feature_dim`` is the region input width."""
+
+    vocab_size: int
+    feature_dim: int
+    embed_dim: int = 512
+    word_dim: int = 128
+    hidden: int = 256
+    max_len: int = 20
+
+
+class NceDistill(nn.Module):
+    """Two FC branches into an L2-normalised ``embed_dim`` space (one linear layer each: the region input is
+    already the detector's box-head output); the phrase branch reads an LSTM over word embeddings."""
+
+    def __init__(self, cfg: NceDistillConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.embed_dim
+        self.region = nn.Linear(cfg.feature_dim, e)
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.word_dim, cfg.hidden, batch_first=True)
+        self.phrase = nn.Linear(cfg.hidden, e)
+
+    def embed_regions(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(..., F)`` region features → ``(..., E)`` unit vectors f(x)."""
+        return F.normalize(self.region(feats), dim=-1)
+
+    def embed_phrases(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` token ids (0-padded, at least one token) → ``(B, E)`` unit vectors g(y): the LSTM's
+        last hidden state at the phrase's last token."""
+        lengths = (ids != 0).sum(dim=1).clamp(min=1)
+        packed = pack_padded_sequence(self.embedding(ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return F.normalize(self.phrase(h[-1]), dim=-1)
+
+
+def staircase(step: int, a: int, b: float) -> float:
+    """λ of step ``step`` (0-based): ``min(floor(step / a), b)``."""
+    return float(min(step // a, b))
+
+
+# ---- training data ------------------------------------------------------------------------------------------
+@dataclass
+class Captions:
+    """Training captions, one per image: ``rows`` into the :class:`Regions`, phrase token ids ``(N, P, L)``,
+    phrase mask ``(N, P)``, soft labels ``(N, P, C)`` p(y, z), and the ref ids ``(N, P)`` ("" = padding)."""
+
+    rows: np.ndarray
+    ids: torch.Tensor
+    phrase_mask: torch.Tensor
+    labels: np.ndarray
+    ref_ids: list[list[str]]
+
+
+def build_captions(refs: Sequence[RefRecord], regions: Regions, labels: np.ndarray, vocab: Sequence[str],
+                   max_len: int) -> Captions:
+    """Group the training phrases ``refs`` (with soft labels ``labels`` ``(len(refs), C)``) by image."""
+    row = regions.row
+    by_image: dict[str, list[int]] = {}
+    for j, r in enumerate(refs):
+        by_image.setdefault(r.image_id, []).append(j)
+    images = sorted(by_image)
+    p_max = max(len(v) for v in by_image.values())
+    ids_all, _ = encode([r.text for r in refs], vocab, max_len)
+    n, c = len(images), labels.shape[1]
+    ids = torch.zeros(n, p_max, max_len, dtype=torch.long)
+    pmask = torch.zeros(n, p_max, dtype=torch.bool)
+    lab = np.zeros((n, p_max, c), np.float32)
+    ref_ids = [[""] * p_max for _ in range(n)]
+    for i, im in enumerate(images):
+        for p, j in enumerate(by_image[im]):
+            ids[i, p], pmask[i, p], lab[i, p] = ids_all[j], True, labels[j]
+            ref_ids[i][p] = refs[j].ref_id
+    return Captions(np.array([row[im] for im in images]), ids, pmask, lab, ref_ids)
+
+
+def batch_targets(caps: Captions, regions: Regions, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher target of a training batch of captions: ``(B, P, R)`` p̂ over each image's regions and
+    ``(B, P)`` valid (a real phrase with a WordNet label that some region supports)."""
+    rows = caps.rows[batch]
+    t, valid = region_targets(torch.from_numpy(caps.labels[batch]), torch.from_numpy(regions.class_probs[rows]),
+                              torch.from_numpy(regions.mask[rows]))
+    return t, valid & caps.phrase_mask[batch]
+
+
+def losses(model: NceDistill, caps: Captions, regions: Regions, batch: np.ndarray,
+           tau: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(L_IS, L_RP, number of phrases with a target)`` of one batch of captions."""
+    rows = torch.from_numpy(caps.rows[batch])
+    f = model.embed_regions(regions.features[rows])  # [B,R,E]
+    rmask = torch.from_numpy(regions.mask)[rows]  # [B,R]
+    b, p, length = caps.ids[batch].shape
+    g = model.embed_phrases(caps.ids[batch].reshape(b * p, length)).reshape(b, p, -1)  # [B,P,E]
+    pmask = caps.phrase_mask[batch]  # [B,P]
+    s = torch.einsum("jre,ipe->ijpr", f, g)  # caption i, image j, phrase p, region r
+    s = s.masked_fill(~rmask[None, :, None, :], float("-inf"))
+    big_s = (s.amax(dim=-1) * pmask[:, None, :]).sum(dim=-1)  # [B captions, B images]
+    l_is = F.cross_entropy(big_s / tau, torch.arange(b))
+    own = s[torch.arange(b), torch.arange(b)]  # [B,P,R]
+    logq = F.log_softmax(own / tau, dim=-1).masked_fill(~rmask[:, None, :], 0.0)
+    target, valid = batch_targets(caps, regions, batch)
+    per = -(target * logq).sum(dim=-1)  # [B,P]
+    n_valid = int(valid.sum())
+    l_rp = per[valid].sum() / max(n_valid, 1)
+    return l_is, l_rp, n_valid
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[tuple[int, np.ndarray]]:
+    """``steps`` batches ``(epoch, caption indices)``: seeded shuffles of ``range(n)`` cut into batches
+    (a last batch of fewer than two captions is dropped: it has no negative)."""
+    out: list[tuple[int, np.ndarray]] = []
+    epoch = 0
+    while len(out) < steps:
+        epoch += 1
+        perm = torch.randperm(n, generator=generator).numpy()
+        out.extend((epoch, perm[lo:lo + batch_size]) for lo in range(0, n, batch_size) if n - lo >= 2)
+    return out[:steps]
+
+
+def _steps(model: NceDistill, opt: torch.optim.Optimizer, caps: Captions, regions: Regions,
+           schedule: list[tuple[int, np.ndarray]], start: int, stop: int, np_: Any, distill: bool,
+           records: list[tuple[int, int, float, int, float, float, float]], bar: Any) -> None:
+    """Optimizer steps ``start .. stop-1`` of ``schedule``, appending ``(epoch, step, λ, batch size, loss,
+    L_IS, L_RP)`` to ``records``."""
+    model.train()
+    for step in range(start, stop):
+        epoch, batch = schedule[step]
+        lam = staircase(step, np_.lambda_step, np_.lambda_max) if distill else 0.0
+        l_is, l_rp, _ = losses(model, caps, regions, batch, np_.temperature)
+        loss = l_is + lam * l_rp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        records.append((epoch, step + 1, lam, len(batch), float(loss.detach()), float(l_is.detach()),
+                        float(l_rp.detach())))
+        if bar is not None:
+            bar.update(1)
+
+
+def _curve(records: list[tuple[int, int, float, int, float, float, float]]) -> list[dict[str, float]]:
+    """One point per epoch: last step, its λ, and the batch-size-weighted mean losses."""
+    out: list[dict[str, float]] = []
+    for epoch in sorted({r[0] for r in records}):
+        rs = [r for r in records if r[0] == epoch]
+        n = sum(r[3] for r in rs)
+        out.append({"epoch": epoch, "step": rs[-1][1], "lambda": rs[-1][2],
+                    **{k: round(sum(r[3] * r[i] for r in rs) / n, 6) for k, i in (("loss", 4), ("l_is", 5), ("l_rp", 6))}})
+    return out
+
+
+def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, seed: int,
+          variants: Sequence[str] = ("distill",), progress: bool = False
+          ) -> dict[str, tuple[NceDistill, list[dict[str, float]], float]]:
+    """Adam for ``np_.steps`` steps over seeded batches of ``np_.batch_size`` captions, for each variant:
+    ``distill`` (λ by the staircase) and/or ``no_distill`` (λ = 0). Both variants are the same run while the
+    staircase is 0 (the first ``lambda_step`` steps), so that prefix is trained once and forked (model and
+    optimizer state): the result equals two separate runs. Returns per variant the model (eval mode), the
+    curve (one point per epoch) and the throughput in captions/s (the shared prefix counted in full)."""
+    unknown = set(variants) - {"distill", "no_distill"}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}")
+    gen = seed_everything(seed)
+    model = NceDistill(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=np_.lr)
+    schedule = batch_schedule(len(caps.rows), np_.batch_size, np_.steps, gen)
+    shared = min(np_.lambda_step, len(schedule))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=shared + len(variants) * (len(schedule) - shared), desc=STAGE, unit="step")
+    prefix: list[tuple[int, int, float, int, float, float, float]] = []
+    t0 = time.perf_counter()
+    _steps(model, opt, caps, regions, schedule, 0, shared, np_, False, prefix, bar)
+    t_shared = time.perf_counter() - t0
+    out = {}
+    for name in variants:
+        m = NceDistill(cfg)
+        m.load_state_dict(model.state_dict())
+        o = torch.optim.Adam(m.parameters(), lr=np_.lr)
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))  # Adam's moments are updated in place
+        records = list(prefix)
+        t1 = time.perf_counter()
+        _steps(m, o, caps, regions, schedule, shared, len(schedule), np_, name == "distill", records, bar)
+        seconds = t_shared + time.perf_counter() - t1
+        out[name] = (m.eval(), _curve(records), sum(r[3] for r in records) / max(seconds, 1e-9))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+# ---- inference and evaluation ----------------------------------------------------------------------------
+@torch.no_grad()
+def region_scores(model: NceDistill, regions: Regions, texts: Sequence[str], image_rows: Sequence[int],
+                  vocab: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """``(S, R)`` float32 scores s(x, y) of each phrase against its image's regions (-inf on padding)."""
+    ids, _ = encode(texts, vocab, model.cfg.max_len)
+    rows = np.asarray(image_rows, dtype=np.int64)
+    out = np.full((len(texts), regions.mask.shape[1]), -np.inf, np.float32)
+    for lo in range(0, len(texts), batch_size):
+        r = torch.from_numpy(rows[lo:lo + batch_size])
+        f = model.embed_regions(regions.features[r])  # [B,R,E]
+        g = model.embed_phrases(ids[lo:lo + batch_size])  # [B,E]
+        s = torch.einsum("bre,be->br", f, g).masked_fill(~torch.from_numpy(regions.mask)[r], float("-inf"))
+        out[lo:lo + len(r)] = s.numpy()
+    return out
+
+
+def proposal_baselines(regions: Regions, refs: Sequence[RefRecord], ds: CanonicalDataset, seed: int,
+                       extra_candidates: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Label-free baselines over the cached proposals, Acc@0.5 per split: a random proposal (seeded), the
+    largest proposal, the most confident proposal, and the upper bound (some proposal has IoU >= 0.5 with
+    the GT box: the best proposal by IoU). ``extra_candidates`` (``ref_id -> (K, 4)``) adds boxes to the
+    upper bound only (reported as ``upper_bound_with_extra``)."""
+    rng = np.random.default_rng(seed)
+    row = regions.row
+    rand, large, conf, best, best_x = {}, {}, {}, {}, {}
+    for r in refs:
+        i = row[r.image_id]
+        m = regions.mask[i]
+        boxes = regions.boxes[i][m]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        rand[r.ref_id] = boxes[int(rng.integers(0, len(boxes)))]
+        large[r.ref_id] = boxes[int(np.argmax(area))]
+        conf[r.ref_id] = boxes[int(np.argmax(regions.scores[i][m]))]
+        if r.box is not None:
+            gt = np.asarray([r.box], np.float32)
+            best[r.ref_id] = boxes[int(np.argmax(box_iou(boxes, gt)[:, 0]))]
+            if extra_candidates is not None and r.ref_id in extra_candidates:
+                cand = np.concatenate([boxes, np.asarray(extra_candidates[r.ref_id], np.float32).reshape(-1, 4)])
+                best_x[r.ref_id] = cand[int(np.argmax(box_iou(cand, gt)[:, 0]))]
+    out = {"random": acc_per_split(rand, ds)[0], "largest": acc_per_split(large, ds)[0],
+           "most_confident": acc_per_split(conf, ds)[0], "upper_bound": acc_per_split(best, ds)[0]}
+    if extra_candidates is not None:
+        out["upper_bound_with_extra"] = acc_per_split(best_x, ds)[0]
+    return out
+
+
+def eval_refs(ds: CanonicalDataset, proposals: ShardSet) -> list[RefRecord]:
+    """Every sentence (all splits) whose image has cached proposals."""
+    return [r for r in ds.refs if r.image_id in proposals]
+
+
+def checkpoint_key(params: Params, ds: CanonicalDataset, proposals: ShardSet, labels: ShardSet) -> str:
+    np_ = params.students.nce_distill
+    return stage_key(STAGE, code_version(MODULES), {}, np_.model_dump(mode="json") | {"seed": params.seed},
+                     {"dataset": ds.fingerprint(), "proposals": proposals.manifest.stage_key,
+                      "labels": labels.manifest.stage_key})
+
+
+def run_student_nce_distill(params: Params) -> Path:
+    """Stage ``student-nce-distill``: train (with and, when ``no_distill``, without L_RP) on the train
+    split's phrases, ground every phrase, write predictions, ``data/metrics/student-nce-distill.json``
+    and its curve. Returns the predictions' shard-set directory."""
+    np_ = params.students.nce_distill
+    ds = CanonicalDataset.load(params.prepared_dir())
+    image_ids = sorted({r.image_id for r in ds.refs})
+    proposals = teacher_set(params, np_.proposals_from, image_ids, ds, STAGE)
+    train_refs = [r for r in ds.refs if r.split == np_.train_split]
+    if not train_refs:
+        raise ValueError(f"{STAGE}: dataset {ds.name} has no {np_.train_split!r} phrases to train on")
+    labels_set = teacher_set(params, np_.labels_from, [r.ref_id for r in train_refs], ds, STAGE)
+    regions = load_regions(proposals, ds, image_ids, np_.geometry)
+    key = checkpoint_key(params, ds, proposals, labels_set)
+    mpath = model_path(params, STAGE)
+    vocab = build_vocab([r.text for r in train_refs])
+    cfg = NceDistillConfig(vocab_size=len(vocab), feature_dim=regions.features.shape[-1], embed_dim=np_.embed_dim,
+                           word_dim=np_.word_dim, hidden=np_.hidden, max_len=np_.max_len)
+
+    def build(tmp: Path) -> None:
+        caps = build_captions(train_refs, regions, soft_labels(labels_set, [r.ref_id for r in train_refs],
+                                                               regions.classes), vocab, np_.max_len)
+        variants = ("distill", "no_distill") if np_.no_distill else ("distill",)
+        with torch_threads(np_.threads):
+            trained = train(caps, regions, cfg, np_, seed=params.seed, variants=variants, progress=params.progress)
+        states = {k: v[0].state_dict() for k, v in trained.items()}
+        curves = {k: v[1] for k, v in trained.items()}
+        speed = {k: v[2] for k, v in trained.items()}
+        torch.save({"config": asdict(cfg), "vocab": list(vocab), "states": states, "curves": curves}, tmp)
+        write_json(timing_path(mpath), {"throughput_samples_per_s": round(speed["distill"], 2),
+                                        "throughput_no_distill_samples_per_s": round(speed.get("no_distill", 0.0), 2)})
+
+    build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": {
+        "proposals": proposals.manifest.stage_key, "labels": labels_set.manifest.stage_key}})
+    ckpt = torch.load(mpath, map_location="cpu", weights_only=True)
+    refs = eval_refs(ds, proposals)
+    row = regions.row
+    rows = [row[r.image_id] for r in refs]
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    for name, state in ckpt["states"].items():
+        model = NceDistill(NceDistillConfig(**ckpt["config"]))
+        model.load_state_dict(state)
+        model.eval()
+        best = region_scores(model, regions, [r.text for r in refs], rows, ckpt["vocab"]).argmax(axis=1)
+        preds[name] = {r.ref_id: regions.boxes[i, b] for r, i, b in zip(refs, rows, best)}
+    acc, n = acc_per_split(preds["distill"], ds)
+    baselines = proposal_baselines(regions, refs, ds, params.seed)
+    baselines["teacher_target"] = teacher_target_accuracy(regions, refs, ds, labels_set, np_.labels_from)
+    extra: dict[str, Any] = {**read_timing(mpath),
+                             "throughput_unit": "training captions (images) per second, distill run",
+                             "train_split": np_.train_split, "steps": np_.steps}
+    if "no_distill" in preds:
+        extra["no_distill"] = acc_per_split(preds["no_distill"], ds)[0]
+    write_metrics(params, STAGE, acc, n, baselines, **extra)
+    write_json(curve_path(params, STAGE), merge_curves(ckpt["curves"]))
+    return write_predictions(params, STAGE, MODULES, ds, preds["distill"],
+                             {"proposals": proposals.manifest.stage_key, "labels": labels_set.manifest.stage_key},
+                             np_.model_dump(mode="json") | {"seed": params.seed}, file_sha256(mpath))
+
+
+def timing_path(model_file: Path) -> Path:
+    """Where the training throughput of a student checkpoint is noted (kept out of the weights file, so
+    the weights' bytes, and the predictions' key, do not depend on the machine's speed)."""
+    return model_file.with_name(model_file.name + ".timing.json")
+
+
+def read_timing(model_file: Path) -> dict[str, Any]:
+    """The noted throughput figures (``{}`` when the note is missing)."""
+    import json
+
+    path = timing_path(model_file)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def teacher_target_accuracy(regions: Regions, refs: Sequence[RefRecord], ds: CanonicalDataset, labels_set: ShardSet,
+                            labels_from: str) -> dict[str, float]:
+    """Acc@0.5 of the teacher target itself as a grounder: the region with the largest p̂ (the most
+    confident proposal when the phrase has no target). Refs without a label row count as no target."""
+    have = [r.ref_id for r in refs if r.ref_id in labels_set]
+    lab = dict(zip(have, soft_labels(labels_set, have, regions.classes)))
+    row = regions.row
+    pred = {}
+    for r in refs:
+        i = row[r.image_id]
+        t, valid = region_targets(lab.get(r.ref_id, np.zeros(len(regions.classes), np.float32)),
+                                  regions.class_probs[i], regions.mask[i])
+        score = t if bool(valid) else np.where(regions.mask[i], regions.scores[i], -np.inf)
+        pred[r.ref_id] = regions.boxes[i, int(np.argmax(score))]
+    return acc_per_split(pred, ds)[0]
+
+
+def merge_curves(curves: Mapping[str, list[dict[str, float]]]) -> list[dict[str, float]]:
+    """One list for a DVC plot: the distill curve's points, with the λ = 0 run's losses as ``no_distill_*``."""
+    base = [dict(p) for p in curves.get("distill", [])]
+    for p, q in zip(base, curves.get("no_distill", [])):
+        p.update({f"no_distill_{k}": v for k, v in q.items() if k in ("loss", "l_is", "l_rp")})
+    return base
+
+
+__all__ = ["NceDistill", "NceDistillConfig", "Regions", "batch_targets", "box_geometry", "build_captions",
+           "load_regions", "losses", "proposal_baselines", "region_scores", "run_student_nce_distill",
+           "soft_labels", "staircase", "train"]

@@ -1,0 +1,223 @@
+"""REC students (issue 9): the shared input checks, PBREC's soft targets and IoU vote, EMA, and the three
+stages end to end on a tiny synthetic set with stand-in teacher shard sets (same schemas as the real
+teachers): metrics contract, predictions, safe checkpoints, reproducibility, no-op rerun, evaluate table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from grounding import config, stages
+from grounding.boxes import Letterbox
+from grounding.data.schema import CanonicalDataset
+from grounding.shards import FieldSpec, ShardSet, ShardSetSpec, ShardWriter
+from grounding.students import common as C
+from grounding.students import pbrec as P
+
+N_IMAGES = 12
+CLIP_D = 16
+TINY = ["input_size=64", "depth=10", "width=0.25", "d_model=16", "text_layers=1", "fusion_layers=1", "heads=2",
+        "epochs=2", "batch_images=4", "lr=0.001", "lr_backbone=0.001", "lr_drop=[1]", "max_len=8"]
+
+
+def _write(path: Path, stage: str, level: str, fields: tuple, rows: dict, fingerprint: str) -> None:
+    spec = ShardSetSpec(stage=stage, stage_key=f"stand-in-{stage}-{fingerprint[:8]}", level=level, fields=fields,
+                        rows_per_shard=64, teacher={"name": "stand-in"}, inputs={"dataset": fingerprint})
+    with ShardWriter(path, spec, sorted(rows), progress=False) as w:
+        for k in w.todo():
+            w.add(k, rows[k])
+
+
+def _fcos_rows(ds: CanonicalDataset, rng: np.random.Generator) -> dict:
+    """4x4 P5 points of a 128 letterbox per image; each point's box is a random box around it, except that
+    the point nearest each GT box centre carries (a jittered copy of) that GT box."""
+    out = {}
+    by_image: dict[str, list] = {}
+    for r in ds.refs:
+        by_image.setdefault(r.image_id, []).append(r.box)
+    for im in ds.images:
+        lb = Letterbox.fit(im.width, im.height, 128)
+        c = (np.arange(4) + 0.5) * 32
+        xs, ys = np.meshgrid(c, c)
+        canvas = np.stack([xs.ravel(), ys.ravel()], 1)
+        pts = np.stack([(canvas[:, 0] - lb.dx) / lb.scale, (canvas[:, 1] - lb.dy) / lb.scale], 1).astype(np.float32)
+        half = rng.uniform(10, 60, (16, 2))
+        boxes = np.concatenate([pts - half, pts + half], 1)
+        for box in by_image.get(im.image_id, []):
+            k = int(np.argmin(((pts - [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]) ** 2).sum(1)))
+            boxes[k] = np.array(box) + rng.normal(0, 1, 4)
+        boxes = np.clip(boxes, 0, [im.width, im.height, im.width, im.height]).astype(np.float32)
+        inside = ((pts[:, 0] >= 0) & (pts[:, 0] <= im.width) & (pts[:, 1] >= 0) & (pts[:, 1] <= im.height))
+        out[im.image_id] = {"points": pts, "boxes": boxes, "inside": inside.astype(np.uint8)}
+    return out
+
+
+def _stand_in_teachers(p: config.Params, ds: CanonicalDataset, fingerprint: str | None = None) -> None:
+    fp = fingerprint or ds.fingerprint()
+    rng = np.random.default_rng(0)
+    # RefCLIP pseudo-boxes: GT boxes shifted a little (a decent teacher), never read as GT by the student
+    pseudo = {r.ref_id: {"box": (np.array(r.box) + rng.normal(0, 3, 4)).astype(np.float32)} for r in ds.refs}
+    _write(p.teacher_dir("refclip-pseudo"), "refclip-pseudo", "sentence",
+           (FieldSpec("box", "float32", (4,)),), pseudo, fp)
+    unit = lambda v: (v / np.linalg.norm(v)).astype(np.float16)  # noqa: E731
+    _write(p.teacher_dir("clip-image"), "clip-image", "image", (FieldSpec("embedding", "float16", (CLIP_D,)),),
+           {im.image_id: {"embedding": unit(rng.normal(size=CLIP_D))} for im in ds.images}, fp)
+    _write(p.teacher_dir("clip-text"), "clip-text", "sentence", (FieldSpec("embedding", "float16", (CLIP_D,)),),
+           {r.ref_id: {"embedding": unit(rng.normal(size=CLIP_D))} for r in ds.refs}, fp)
+    _write(p.teacher_dir("fcos-points"), "fcos-points", "image",
+           (FieldSpec("points", "float32", (16, 2)), FieldSpec("boxes", "float32", (16, 4)),
+            FieldSpec("inside", "uint8", (16,))), _fcos_rows(ds, rng), fp)
+    Path(p.paths.metrics).mkdir(parents=True, exist_ok=True)
+    (Path(p.paths.metrics) / "refclip.json").write_text(json.dumps({"refclip": {"train": {"acc": 0.5, "n": 3}}}))
+
+
+def _params(tmp: Path, *extra: str) -> config.Params:
+    sets = [f"students.{s}.{t}" for s in ("rec", "epmvg", "pbrec") for t in TINY]
+    return config.load(None, [f"dataset.synthetic.n_images={N_IMAGES}", "progress=false",
+                              *(f"paths.{k}={tmp}/{k}" for k in ("prepared", "teachers", "students", "models", "metrics")),
+                              *sets, "students.rec.random_resize=[32,64]", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> config.Params:
+    p = _params(tmp_path_factory.mktemp("students"))
+    stages.run("prepare", p)
+    _stand_in_teachers(p, CanonicalDataset.load(p.prepared_dir()))
+    return p
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------
+def test_require_rows_names_both_fingerprints_and_missing_keys(tiny: config.Params) -> None:
+    path = tiny.teacher_dir("clip-text")
+    ds = CanonicalDataset.load(tiny.prepared_dir())
+    keys = [r.ref_id for r in ds.refs]
+    assert len(C.require_rows(path, keys, ds.fingerprint(), "student-x")) == len(keys)
+    with pytest.raises(C.StudentInputError, match=r"student-x.*clip-text.*'" + ds.fingerprint() + "'.*'f00'"):
+        C.require_rows(path, keys, "f00", "student-x")
+    with pytest.raises(C.StudentInputError, match=r"student-x.*no row for 1 of .*'nope-1'"):
+        C.require_rows(path, [*keys, "nope-1"], ds.fingerprint(), "student-x")
+
+
+def test_stage_stops_before_training_on_foreign_or_incomplete_shards(tiny: config.Params, tmp_path: Path) -> None:
+    p = tiny.model_copy(update={"paths": tiny.paths.model_copy(update={"teachers": str(tmp_path / "t"),
+                                                                       "models": str(tmp_path / "m")})})
+    ds = CanonicalDataset.load(p.prepared_dir())
+    _stand_in_teachers(p, ds, fingerprint="0" * 64)
+    for stage in ("student-epmvg", "student-pbrec", "student-rec-pseudo"):
+        with pytest.raises(C.StudentInputError, match=f"{stage}: .*{'0' * 64}.*{ds.fingerprint()}"):
+            stages.run(stage, p)
+    assert not (tmp_path / "m").exists()  # nothing trained
+    # a set that lacks a sentence
+    rows = {r.ref_id: {"box": np.array(r.box, np.float32)} for r in ds.refs[1:]}
+    _write(p.teacher_dir("refclip-pseudo") / ".." / "short", "refclip-pseudo", "sentence",
+           (FieldSpec("box", "float32", (4,)),), rows, ds.fingerprint())
+    missing = next(r.ref_id for r in ds.refs if r.split == "train" and r.ref_id not in rows)
+    with pytest.raises(C.StudentInputError, match=f"student-rec-pseudo: .*no row .*{missing}"):
+        C.require_rows(p.teacher_dir("refclip-pseudo") / ".." / "short",
+                       [r.ref_id for r in ds.refs if r.split == "train"], ds.fingerprint(), "student-rec-pseudo")
+
+
+# ---- PBREC pieces ---------------------------------------------------------------------------------------------
+def test_centerness_targets_follow_fcos_inside_3g_square() -> None:
+    pts = np.array([[50, 50], [40, 50], [15, 50], [0, 50], [50, 95]], np.float32)
+    box = (0, 0, 100, 100)
+    got = P.centerness_targets(pts, box, g=20)
+    assert got[0] == pytest.approx(1.0)
+    assert got[1] == pytest.approx(np.sqrt(40 / 60))  # 10 px from the centre: inside the 60 px square
+    assert got[2] == 0 and got[3] == 0 and got[4] == 0  # outside the 3g square / on the border
+
+
+def test_massness_targets_fraction_of_cell_near_centroid() -> None:
+    mask = np.zeros((100, 100), bool)
+    mask[40:60, 40:60] = True  # centroid (50, 50)
+    pts = np.array([[50, 50], [40, 50], [80, 50], [50, 95]], np.float32)
+    got = P.massness_targets(pts, mask, g=10)
+    assert got[0] == pytest.approx(1.0)  # cell [45,55)^2 fully covered
+    assert got[1] == pytest.approx(0.5)  # cell [35,45)x[45,55): the half x >= 40 is covered
+    assert got[2] == 0 and got[3] == 0  # beyond 2g of the centroid
+
+
+def test_iou_vote_picks_the_consensus_box() -> None:
+    boxes = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [51, 51, 61, 61], [49, 50, 59, 60.]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert P.iou_vote(boxes, scores, top_k=4) in (1, 2, 3) and P.iou_vote(boxes, scores, top_k=4) == 1
+    assert P.iou_vote(boxes, scores, top_k=1) == 0
+
+
+def test_ema_warmup_tracks_then_averages() -> None:
+    m = torch.nn.Linear(2, 1)
+    ema = C.ema_model(m, 0.9997, warmup=True)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update_parameters(m)  # first update copies
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema.update_parameters(m)  # n=1: decay (1+1)/(10+1)
+    assert ema.module.weight[0, 0].item() == pytest.approx(2 / 11, rel=1e-5)
+
+
+# ---- stages end to end ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_students_end_to_end_contract_and_reproducibility(tiny: config.Params, tmp_path: Path) -> None:
+    ds = CanonicalDataset.load(tiny.prepared_dir())
+    for stage in ("student-rec-pseudo", "student-epmvg", "student-pbrec"):
+        out = stages.run(stage, tiny)
+        m = json.loads((Path(tiny.paths.metrics) / f"{stage}.json").read_text())
+        assert set(m) >= {"acc50", "n", "baselines"} and set(m["acc50"]) == set(ds.splits())
+        assert all(0 <= v <= 1 for v in m["acc50"].values()) and sum(m["n"].values()) == len(ds.refs)
+        assert "centred box" in m["baselines"]
+        curve = json.loads((Path(tiny.paths.metrics) / f"{stage}-curve.json").read_text())
+        assert curve and {"epoch", "loss"} <= set(curve[0])
+        preds = ShardSet(out)
+        assert len(preds) == len(ds.refs) and preds.manifest.level == "sentence"
+        assert preds.get(ds.refs[0].ref_id)["box"].shape == (4,)
+        ckpt = torch.load(C.model_path(tiny, stage), weights_only=True)
+        assert "state_dict" in ckpt and ckpt["config"]["depth"] == 10
+    rec = json.loads((Path(tiny.paths.metrics) / "student-rec-pseudo.json").read_text())
+    assert rec["baselines"]["RefCLIP teacher"] == {"train": 0.5} and "acc50_raw" in rec
+    ep = json.loads((Path(tiny.paths.metrics) / "student-epmvg.json").read_text())
+    assert "distill: false" in ep["baselines"] and set(ep["variants"]) == {"distill", "no distill"}
+    pb = json.loads((Path(tiny.paths.metrics) / "student-pbrec.json").read_text())
+    assert pb["baselines"]["FCOS upper bound"]["train"] >= 0.8  # stand-in points carry the GT boxes (nearest point)
+
+    # rerun: nothing to do (same key), files untouched
+    mtime = C.model_path(tiny, "student-pbrec").stat().st_mtime_ns
+    stages.run("student-pbrec", tiny)
+    assert C.model_path(tiny, "student-pbrec").stat().st_mtime_ns == mtime
+
+    # same shards + seed, fresh outputs: identical metrics and weights
+    again = tiny.model_copy(update={"paths": tiny.paths.model_copy(update={
+        "models": str(tmp_path / "models"), "metrics": str(tmp_path / "metrics"), "students": str(tmp_path / "s")})})
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "refclip.json").write_text((Path(tiny.paths.metrics) / "refclip.json").read_text())
+    for stage in ("student-rec-pseudo", "student-epmvg"):
+        stages.run(stage, again)
+        a = json.loads((Path(tiny.paths.metrics) / f"{stage}.json").read_text())
+        b = json.loads((tmp_path / "metrics" / f"{stage}.json").read_text())
+        assert a == b, stage
+        sa = torch.load(C.model_path(tiny, stage), weights_only=True)["state_dict"]
+        sb = torch.load(C.model_path(again, stage), weights_only=True)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), stage
+
+    # evaluate: one table of every registered student and its baselines
+    stages.run("evaluate", tiny)
+    table = (Path(tiny.paths.metrics) / "students.md").read_text()
+    doc = json.loads((Path(tiny.paths.metrics) / "students.json").read_text())
+    for stage in ("student-rec-pseudo", "student-epmvg", "student-pbrec"):
+        assert stage in doc["students"] and f"| {stage} |" in table
+    assert "student-epmvg · baseline: distill: false" in table and "| model | train | val | testA | testB |" in table
+
+
+def test_rec_students_never_import_teachers() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "grounding" / "students"
+    for name in ("common.py", "rec.py", "epmvg.py", "pbrec.py"):
+        tree = ast.parse((root / name).read_text())
+        mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in mods if m.startswith("grounding.teachers")], name

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path, PurePath
 from types import ModuleType
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,6 +78,33 @@ def stage_key(
     """
     return digest({"stage": stage, "code": code_version, "teacher": teacher or {}, "params": dict(params),
                    "inputs": dict(inputs)})
+
+
+def content_base(
+    stage: str,
+    code_version: str,
+    teacher: Mapping[str, Any] | None,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    item_inputs: Iterable[str] = ("dataset",),
+) -> str:
+    """The dataset-independent part of a stage key: as :func:`stage_key` without the inputs named in
+    ``item_inputs`` (those whose effect on each row the per-item content hashes capture, by default the
+    dataset fingerprint). Hashed with each shard's items into its content address (:func:`shard_key`)."""
+    drop = set(item_inputs)
+    return digest({"scheme": "content-base", "stage": stage, "code": code_version, "teacher": teacher or {},
+                   "params": dict(params), "inputs": {k: v for k, v in inputs.items() if k not in drop},
+                   "item_inputs": sorted(drop)})
+
+
+def shard_key(base: str, item_start: int, keys: Sequence[str], item_hashes: Sequence[str] | None) -> str:
+    """Content address of one shard: ``base`` (the stage key, or a :func:`content_base` when per-item
+    hashes are known), its item range and its members' keys and content hashes. Two shards with the same
+    address hold the same bytes, whichever dataset they were written for."""
+    if item_hashes is not None and len(item_hashes) != len(keys):
+        raise ValueError(f"{len(item_hashes)} item hashes for {len(keys)} keys")
+    return digest({"scheme": "shard", "base": base, "item_start": int(item_start), "keys": list(keys),
+                   "item_hashes": None if item_hashes is None else list(item_hashes)})
 
 
 def code_version(modules: Iterable[str | ModuleType]) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards carry a content address (``content_key``) instead of the set's stage key
+MIN_FORMAT_VERSION = 1  # version-1 sets (no content addresses) still read and verify
 MANIFEST = "manifest.json"
 LEVELS = ("image", "sentence", "region", "class")
 
@@ -48,7 +49,9 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard file: name, rows, first/last key, sha256 and size in bytes, input items covered."""
+    """One shard file: name, rows, first/last key, sha256 and size in bytes, input items covered, and its
+    content address (``content_key``, format 2; empty in version-1 sets, see
+    :func:`grounding.shards.keys.shard_key`)."""
 
     file: str
     rows: int
@@ -58,6 +61,7 @@ class ShardInfo:
     size: int
     item_start: int
     item_count: int
+    content_key: str = ""
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Manifest:
     rows_per_shard: int = 0
     package_version: str = ""
     format_version: int = FORMAT_VERSION
+    content_base: str = ""  # dataset-independent part of the key when shards are addressed by item content
 
     @property
     def n_rows(self) -> int:
@@ -100,7 +105,7 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ShardError(f"{source}: not valid JSON ({e})") from None
         version = doc.get("format_version")
-        if not isinstance(version, int):
+        if isinstance(version, bool) or not isinstance(version, int) or version < MIN_FORMAT_VERSION:
             raise ShardError(f"{source}: no format_version; not a grounding shard set manifest")
         if version > FORMAT_VERSION:
             raise ShardError(

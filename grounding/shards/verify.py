@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from grounding.shards.keys import file_sha256
-from grounding.shards.manifest import FORMAT_VERSION, Manifest, ShardError
+from grounding.shards.manifest import Manifest, ShardError, ShardInfo
 
 
 @dataclass
@@ -59,20 +59,25 @@ def verify_shard_set(path: str | os.PathLike[str], *, progress: bool = False) ->
         if digest != shard.sha256:
             report.problems.append(f"{shard.file}: sha256 {digest[:12]}… differs from manifest {shard.sha256[:12]}…")
             continue  # content is not what was written: do not trust anything inside
-        report.problems.extend(_check_shard(file, m, shard.rows, shard.first_key, shard.last_key, seen))
+        report.problems.extend(_check_shard(file, m, shard, seen))
         report.rows += shard.rows
     return report
 
 
-def _check_shard(file: Path, m: Manifest, rows: int, first: str | None, last: str | None,
-                 seen: set[str]) -> list[str]:
+def _check_shard(file: Path, m: Manifest, shard: ShardInfo, seen: set[str]) -> list[str]:
     problems: list[str] = []
     name = file.name
+    rows, first, last = shard.rows, shard.first_key, shard.last_key
     try:
         with h5py.File(file, "r") as f:
-            if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-                problems.append(f"{name}: format_version {f.attrs.get('format_version')!r}")
-            if f.attrs.get("stage_key") != m.stage_key:
+            if int(f.attrs.get("format_version", -1)) != m.format_version:
+                problems.append(f"{name}: format_version {f.attrs.get('format_version')!r}, "
+                                f"manifest says {m.format_version}")
+            if m.format_version >= 2:  # shards carry their content address, not the set's key
+                if not shard.content_key or f.attrs.get("content_key") != shard.content_key:
+                    problems.append(f"{name}: content key {f.attrs.get('content_key')!r}, "
+                                    f"manifest says {shard.content_key!r}")
+            elif f.attrs.get("stage_key") != m.stage_key:
                 problems.append(f"{name}: written for stage key {f.attrs.get('stage_key')!r}, not {m.stage_key}")
             keys = [k.decode("utf-8") for k in f["key"][()]]
             if len(keys) != rows:

@@ -4,7 +4,21 @@ A stage hands the writer the ordered list of its input items (``item_keys``). Sh
 ``[i * rows_per_shard, (i + 1) * rows_per_shard)``, so the partition does not depend on which items fail.
 Rows are buffered for one shard at a time; a full shard is written to a temporary file, fsynced and renamed
 (atomic); ``manifest.json`` is written last. After a crash, a rerun keeps every finished shard whose
-recorded stage key and item range match and resumes at the first missing one.
+recorded content address matches and resumes at the first missing one.
+
+Content addresses (incremental extension). Every shard records a ``content_key``
+(:func:`grounding.shards.keys.shard_key`): by default a hash of the stage key and the shard's items, so it
+changes whenever the set's key does. When the stage gives per-item content hashes (``item_hashes``, e.g. the
+sha256 of each image) and the dataset-independent part of its key (``spec.content_base``), the address
+depends only on (stage, code, teacher, params, non-dataset inputs) and the shard's member keys and item
+hashes. A writer whose set key differs from the committed set in its directory (the dataset grew) then keeps
+every shard whose address is unchanged (the manifest is un-committed first; kept shards are re-hashed
+against the old manifest) and may copy matching shards from other committed sets (``reuse_from``) through
+the same temp + fsync + rename protocol. Shard files hold nothing set-level (no stage key, no dataset
+fingerprint), so a kept or copied shard is byte-identical to the one a from-scratch run would write. Shards
+are fixed item ranges, so items appended at the end (ids sorting last) leave every full old shard intact:
+an extension computes the new items plus the items of the old set's last shard when it was partial
+(recomputed whole, so batches start at the same shard boundary as in a scratch run).
 
 Usage::
 
@@ -17,7 +31,9 @@ Usage::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Sequence
@@ -26,7 +42,7 @@ import h5py
 import numpy as np
 
 from grounding import __version__
-from grounding.shards.keys import file_sha256
+from grounding.shards.keys import file_sha256, shard_key
 from grounding.shards.manifest import (
     FORMAT_VERSION,
     LEVELS,
@@ -39,6 +55,7 @@ from grounding.shards.manifest import (
 )
 
 SHARD_PATTERN = "shard-{:05d}.h5"
+log = logging.getLogger(__name__)
 
 
 class ItemFailed(RuntimeError):
@@ -59,6 +76,7 @@ class ShardSetSpec:
     inputs: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
     on_error: str = "fail"
+    content_base: str = ""  # keys.content_base(...): set when the writer is given per-item content hashes
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -80,7 +98,7 @@ def is_complete(out_dir: str | os.PathLike[str], stage_key: str) -> bool:
         m = Manifest.load(out)
     except ShardError:
         return False
-    if m.stage_key != stage_key:
+    if m.stage_key != stage_key or m.format_version != FORMAT_VERSION:  # an older format is rewritten
         return False
     return all((out / s.file).is_file() and (out / s.file).stat().st_size == s.size for s in m.shards)
 
@@ -89,14 +107,29 @@ class ShardWriter:
     """Writes one shard set; see the module docstring. Not thread-safe; one writer per directory."""
 
     def __init__(self, out_dir: str | os.PathLike[str], spec: ShardSetSpec, item_keys: Sequence[str],
-                 *, progress: bool = True, desc: str | None = None, shards: Collection[int] | None = None) -> None:
+                 *, progress: bool = True, desc: str | None = None, shards: Collection[int] | None = None,
+                 item_hashes: Sequence[str] | None = None,
+                 reuse_from: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None) -> None:
         """``shards`` restricts this writer to some shard indices (fan-out: several processes write
         disjoint parts of one set, then a final writer without ``shards`` commits the manifest); a
-        restricted writer touches only its own shard files and never commits."""
+        restricted writer touches only its own shard files and never commits.
+
+        ``item_hashes`` (one content hash per item key, with ``spec.content_base`` set) makes shard
+        addresses independent of the dataset as a whole, so shards of a previous set whose members are
+        unchanged are kept (same directory) or copied (from the committed sets named in ``reuse_from``)
+        instead of recomputed."""
         keys = [str(k) for k in item_keys]
         if len(set(keys)) != len(keys):
             dup = next(k for i, k in enumerate(keys) if k in keys[:i])
             raise ValueError(f"duplicate item key {dup!r} given to the writer of {spec.stage}")
+        nul = next((k for k in keys if "\x00" in k), None)
+        if nul is not None:  # keys are stored as fixed-width bytes, which cannot hold a trailing NUL
+            raise ValueError(f"item key {nul!r} given to the writer of {spec.stage} contains a NUL character")
+        if (item_hashes is None) != (not spec.content_base):
+            raise ValueError(f"{spec.stage}: item_hashes and spec.content_base go together (got "
+                             f"{'no ' if item_hashes is None else ''}item hashes, content_base={spec.content_base!r})")
+        if item_hashes is not None and len(item_hashes) != len(keys):
+            raise ValueError(f"{spec.stage}: {len(item_hashes)} item hashes for {len(keys)} item keys")
         self.out = Path(out_dir)
         self.spec = spec
         self.keys = keys
@@ -105,6 +138,22 @@ class ShardWriter:
         self._fields = {f.name: f for f in spec.fields}
         self.n_shards = (len(keys) + spec.rows_per_shard - 1) // spec.rows_per_shard
         self.partial = shards is not None
+        base = spec.content_base if item_hashes is not None else spec.stage_key
+        hashes = None if item_hashes is None else [str(h) for h in item_hashes]
+        self._content_keys = [
+            shard_key(base, lo, keys[lo:lo + spec.rows_per_shard],
+                      None if hashes is None else hashes[lo:lo + spec.rows_per_shard])
+            for lo in range(0, len(keys), spec.rows_per_shard)
+        ]
+        if reuse_from is None:
+            sources: list[Path] = []
+        elif isinstance(reuse_from, str | os.PathLike):
+            sources = [Path(reuse_from)]
+        else:
+            sources = [Path(p) for p in reuse_from]
+        self._sources = sources
+        self.reused: dict[int, str] = {}  # shard index -> "kept" (already in out_dir) | "copied" (reuse_from)
+        self.rows_added = 0  # rows (and skips) handed in by the stage, i.e. computed by this run
         self._mine = set(range(self.n_shards)) if shards is None else {int(i) for i in shards} & set(range(self.n_shards))
         self.manifest: Manifest | None = None
         self._done: dict[int, ShardInfo] = {}
@@ -122,6 +171,7 @@ class ShardWriter:
         if is_complete(self.out, self.spec.stage_key):
             self.manifest = Manifest.load(self.out)
             return
+        previous = _committed_shards(self.out)  # what the old manifest promised (to re-check kept shards)
         manifest = self.out / MANIFEST
         if manifest.exists():  # a different (stale) or damaged set: un-commit it first, then clean up
             manifest.unlink(missing_ok=True)
@@ -131,10 +181,15 @@ class ShardWriter:
             if ".tmp" in p.name and (p.name.split(".tmp")[0] in mine
                                      or (not self.partial and p.name.startswith(("shard-", "manifest")))):
                 p.unlink(missing_ok=True)
+        sources = self._reuse_index()
         for i in sorted(self._mine):
-            info = self._check_existing(i)
+            info = self._check_existing(i, previous.get(SHARD_PATTERN.format(i)))
+            how = "kept"
+            if info is None and self._content_keys[i] in sources:
+                info, how = self._copy_from(i, *sources[self._content_keys[i]]), "copied"
             if info is not None:
                 self._done[i] = info
+                self.reused[i] = how
         if not self.partial:
             wanted = {SHARD_PATTERN.format(i) for i in range(self.n_shards)}
             for p in self.out.glob("shard-*.h5"):
@@ -145,8 +200,41 @@ class ShardWriter:
         start = i * self.spec.rows_per_shard
         return start, min(len(self.keys), start + self.spec.rows_per_shard) - start
 
-    def _check_existing(self, i: int) -> ShardInfo | None:
-        """Keep a finished shard from an interrupted run when its key, item range and keys match."""
+    def _reuse_index(self) -> dict[str, tuple[Path, ShardInfo]]:
+        """``content_key -> (set directory, shard)`` over the committed sets named in ``reuse_from``."""
+        index: dict[str, tuple[Path, ShardInfo]] = {}
+        for src in self._sources:
+            if src.resolve() == self.out.resolve():
+                continue
+            shards = _committed_shards(src)
+            if not shards:
+                log.warning("%s: reuse source %s holds no committed format-%d shard set; ignored",
+                            self.spec.stage, src, FORMAT_VERSION)
+            for info in shards.values():
+                index.setdefault(info.content_key, (src, info))
+        return index
+
+    def _copy_from(self, i: int, src: Path, info: ShardInfo) -> ShardInfo | None:
+        """Copy shard ``info`` of the committed set ``src`` as shard ``i`` (temp, fsync, rename), then check
+        it like a kept shard (attributes, keys, sha256 against ``src``'s manifest)."""
+        path = self.out / SHARD_PATTERN.format(i)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        try:
+            shutil.copyfile(src / info.file, tmp)
+        except OSError as e:
+            log.warning("%s: cannot copy %s from %s (%s); recomputing", self.spec.stage, info.file, src, e)
+            tmp.unlink(missing_ok=True)
+            return None
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.out)
+        return self._check_existing(i, info)
+
+    def _check_existing(self, i: int, recorded: ShardInfo | None = None) -> ShardInfo | None:
+        """Keep a finished shard (of an interrupted run, of the previous committed set, or just copied)
+        when its content address, item range and keys match; when ``recorded`` (what a committed manifest
+        said about this file) has the same address, its sha256 must match too."""
         path = self.out / SHARD_PATTERN.format(i)
         if not path.exists():
             return None
@@ -155,7 +243,7 @@ class ShardWriter:
             with h5py.File(path, "r") as f:
                 a = f.attrs
                 ok = (
-                    a.get("stage_key") == self.spec.stage_key
+                    a.get("content_key") == self._content_keys[i]
                     and int(a.get("item_start", -1)) == start
                     and int(a.get("item_count", -1)) == count
                     and int(a.get("format_version", -1)) == FORMAT_VERSION
@@ -168,11 +256,14 @@ class ShardWriter:
         if ok:
             failed = {e["item"] for e in errors}
             ok = keys == [k for k in expected if k not in failed]
+        info = _shard_info(path, keys, start, count, self._content_keys[i]) if ok else None
+        if info is not None and recorded is not None and recorded.content_key == info.content_key:
+            ok = (recorded.sha256, recorded.size) == (info.sha256, info.size)
         if not ok:
             path.unlink()
             return None
         self._errors[i] = errors
-        return _shard_info(path, keys, start, count)
+        return info
 
     # ---- the stage's side ----------------------------------------------------------------------------
     @property
@@ -219,6 +310,7 @@ class ShardWriter:
         """Add the row of item ``key`` (the next expected item): ``field name -> array``."""
         checked = self._check_row(str(key), row)  # before _expect: a bad row leaves the cursor alone
         self._expect(str(key))
+        self.rows_added += 1
         self._buf_rows.append((str(key), checked))
         self._after_item()
 
@@ -228,6 +320,7 @@ class ShardWriter:
             raise ItemFailed(f"{self.spec.stage}: item {key!r} failed: {reason} "
                              f"(set on_error: skip to record it and go on)")
         self._expect(str(key))
+        self.rows_added += 1
         self._buf_errors.append({"item": str(key), "reason": reason})
         self._after_item()
 
@@ -266,12 +359,12 @@ class ShardWriter:
         self._buf_rows, self._buf_errors = [], []
         path = self.out / SHARD_PATTERN.format(i)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        write_shard_file(tmp, self.spec, rows, errors, start, count)
+        write_shard_file(tmp, self.spec, rows, errors, start, count, self._content_keys[i])
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(self.out)
-        self._done[i] = _shard_info(path, [k for k, _ in rows], start, count)
+        self._done[i] = _shard_info(path, [k for k, _ in rows], start, count, self._content_keys[i])
         self._errors[i] = errors
 
     def commit(self) -> Manifest:
@@ -290,7 +383,7 @@ class ShardWriter:
             shards=[self._done[i] for i in range(self.n_shards)], teacher=dict(s.teacher),
             params=dict(s.params), inputs=dict(s.inputs), extra=dict(s.extra),
             errors=[e for i in range(self.n_shards) for e in self._errors.get(i, [])],
-            rows_per_shard=s.rows_per_shard, package_version=__version__,
+            rows_per_shard=s.rows_per_shard, package_version=__version__, content_base=s.content_base,
         )
         manifest.save(self.out)
         self.manifest = manifest
@@ -311,23 +404,35 @@ class ShardWriter:
             self.commit()
 
 
-def _shard_info(path: Path, keys: list[str], start: int, count: int) -> ShardInfo:
+def _committed_shards(directory: Path) -> dict[str, ShardInfo]:
+    """``file name -> ShardInfo`` of the committed current-format set in ``directory`` ({} when none)."""
+    try:
+        m = Manifest.load(directory)
+    except (ShardError, OSError):
+        return {}
+    if m.format_version != FORMAT_VERSION:
+        return {}
+    return {s.file: s for s in m.shards if s.content_key}
+
+
+def _shard_info(path: Path, keys: list[str], start: int, count: int, content_key: str) -> ShardInfo:
     return ShardInfo(file=path.name, rows=len(keys), first_key=keys[0] if keys else None,
                      last_key=keys[-1] if keys else None, sha256=file_sha256(path),
-                     size=path.stat().st_size, item_start=start, item_count=count)
+                     size=path.stat().st_size, item_start=start, item_count=count, content_key=content_key)
 
 
 def write_shard_file(path: Path, spec: ShardSetSpec, rows: list[tuple[str, dict[str, np.ndarray]]],
-                     errors: list[dict[str, str]], item_start: int, item_count: int) -> None:
+                     errors: list[dict[str, str]], item_start: int, item_count: int, content_key: str) -> None:
     """Write one HDF5 shard with a deterministic layout: ``key`` (fixed-width UTF-8 bytes), one contiguous
     uncompressed dataset per fixed field, ``<field>/values`` + ``<field>/offsets`` (int64), both contiguous,
-    per ragged field; no timestamps."""
+    per ragged field; no timestamps. The attributes name the stage and the shard's content address, nothing
+    set-level (no stage key), so the same items give the same file in any set that contains them."""
     keys = [k.encode("utf-8") for k, _ in rows]
     width = max((len(k) for k in keys), default=1)
     with h5py.File(path, "w", libver="earliest", track_order=False) as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["stage"] = spec.stage
-        f.attrs["stage_key"] = spec.stage_key
+        f.attrs["content_key"] = content_key
         f.attrs["item_start"] = item_start
         f.attrs["item_count"] = item_count
         f.attrs["errors"] = json.dumps(errors, sort_keys=True, ensure_ascii=False)

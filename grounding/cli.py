@@ -66,8 +66,9 @@ def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding 
     for name in names:
         try:
             out = stages.run(name, p)
-        except (DataError, ShardError, C.ConfigError, FileNotFoundError) as e:
-            _fail(f"stage {name}: {e}")
+        except (DataError, ShardError, C.ConfigError, OSError) as e:  # OSError: missing file, disk full, ...
+            _fail(f"stage {name}: {e} (committed shards are kept; rerun to resume)"
+                  if not isinstance(e, FileNotFoundError) else f"stage {name}: {e}")
         console.print(f"[green]{name}[/green] → {out}")
 
 

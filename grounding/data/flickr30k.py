@@ -26,6 +26,7 @@ Conventions (chosen, and recorded in the dataset's ``source``):
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -37,6 +38,7 @@ from grounding.data.readers import ImageRequest, add_images, file_provenance
 from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
 
 FLICKR30K_SPLITS = ("train", "val", "test")
+_PLAIN_ID = re.compile(r"(?!\.\.?$)[\w.-]+")  # an image id names Sentences/<id>.txt etc.: no path parts
 
 _PHRASE = re.compile(r"\[/EN#(?P<id>[^/\s\]]+)(?P<types>(?:/[^/\s\]]+)*)\s+(?P<words>[^\[\]]*?)\]")
 
@@ -91,6 +93,8 @@ def parse_annotation(path: Path) -> FlickrAnnotation:
     if size is None:
         raise ValueError("<size> is missing")
     w, h = _number(size, "width"), _number(size, "height")
+    if not (math.isfinite(w) and math.isfinite(h) and w == int(w) and h == int(h) and w > 0 and h > 0):
+        raise ValueError(f"<size> {w:g}x{h:g} is not a positive integer size")
     ann = FlickrAnnotation(int(w), int(h))
     for obj in root.findall("object"):
         names = [n.text.strip() for n in obj.findall("name") if n.text and n.text.strip()]
@@ -115,8 +119,11 @@ def union_box(boxes: list[tuple[float, float, float, float]]) -> tuple[float, fl
 def _read_ids(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: split file is missing")
-    with open(path, encoding="utf-8") as f:
-        return [ln.strip() for ln in f if ln.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def read_flickr30k(root: str | os.PathLike[str], image_root: str | os.PathLike[str], *,
@@ -130,6 +137,10 @@ def read_flickr30k(root: str | os.PathLike[str], image_root: str | os.PathLike[s
     split_of: dict[str, str] = {}
     for split, path in split_files.items():
         for image_id in _read_ids(path):
+            if not _PLAIN_ID.fullmatch(image_id):
+                builder.fail(f"image {image_id}", path, "image id is not a plain file name (letters, digits, "
+                                                        "'_', '-', '.'; not '.' or '..'); refused")
+                continue
             if image_id in split_of:
                 builder.fail(f"image {image_id}", path, f"already listed in split {split_of[image_id]!r}")
                 continue

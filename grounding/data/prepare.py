@@ -20,7 +20,7 @@ def synthetic_config(params: Params):
     options = {"seed": params.seed, **params.dataset.synthetic}
     try:
         return SyntheticConfig(**options)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown key / bad value type or range
         raise ConfigError(f"dataset.synthetic: {e}") from None
 
 

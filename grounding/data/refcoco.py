@@ -26,6 +26,7 @@ The refs pickle is read with the restricted unpickler of :mod:`grounding.data.sa
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -54,10 +55,14 @@ def coco_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | Non
         rle = mask_utils.merge([{"size": p["size"], "counts": p["counts"].encode("ascii")} for p in parts if p])
     elif isinstance(segmentation, list):
         polys = []
+        margin = max(height, width)  # rasterising cost grows with the polygon's extent: refuse absurd ones
         for i, poly in enumerate(segmentation):
             if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
                 raise ValueError(f"segmentation polygon {i} is not a list of >= 3 (x, y) pairs")
-            polys.append([float(v) for v in poly])
+            vals = [float(v) for v in poly]
+            if not all(math.isfinite(v) and -margin <= v <= 2 * margin for v in vals):
+                raise ValueError(f"segmentation polygon {i} has coordinates far outside the {width}x{height} image")
+            polys.append(vals)
         rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
     elif isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
@@ -66,11 +71,17 @@ def coco_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | Non
         if [int(v) for v in size] != [height, width]:
             raise ValueError(f"RLE size {list(size)} (h, w) differs from the image's [{height}, {width}]")
         if isinstance(counts, list):  # uncompressed RLE: run lengths must cover the image exactly
-            if sum(int(c) for c in counts) != height * width:
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise ValueError("uncompressed RLE counts are not non-negative integers")
+            if sum(counts) != height * width:
                 raise ValueError(f"uncompressed RLE runs sum to {sum(counts)}, not {height}*{width}")
             rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-        elif isinstance(counts, (str, bytes)):  # compressed: kept as is
-            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        elif isinstance(counts, (str, bytes)):  # compressed: kept as is once its runs are checked
+            raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+            total = sum(compressed_rle_runs(raw))
+            if total != height * width:
+                raise ValueError(f"compressed RLE runs sum to {total}, not {height}*{width}")
+            rle = {"size": [height, width], "counts": raw}
         else:
             raise ValueError(f"RLE counts of type {type(counts).__name__}")
     else:
@@ -80,6 +91,35 @@ def coco_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | Non
             "counts": counts.decode("ascii") if isinstance(counts, bytes) else str(counts)}
 
 
+def compressed_rle_runs(counts: bytes) -> list[int]:
+    """The run lengths of a COCO compressed RLE string (the inverse of pycocotools' ``rleToString``).
+
+    Parsed here, in Python, so that a malformed string is a ``ValueError`` instead of reaching
+    pycocotools' C decoder, which trusts the runs to sum to ``h * w``."""
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise ValueError("compressed RLE string ends inside a number")
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE string has a character {chr(counts[p])!r} outside '0'..'o'")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            raise ValueError("compressed RLE string has a negative run")
+        runs.append(x)
+    return runs
+
+
 def _index(items: Any, what: str, path: Path) -> dict[Any, dict[str, Any]]:
     if not isinstance(items, list):
         raise DataError(f"{path}: '{what}' is not a list")
@@ -87,8 +127,15 @@ def _index(items: Any, what: str, path: Path) -> dict[Any, dict[str, Any]]:
     for it in items:
         if not isinstance(it, dict) or "id" not in it:
             raise DataError(f"{path}: an entry of '{what}' has no 'id'")
+        if not _is_id(it["id"]):
+            raise DataError(f"{path}: an entry of '{what}' has id {it['id']!r:.60}, not an integer or string")
         out[it["id"]] = it
     return out
+
+
+def _is_id(value: Any) -> bool:
+    """COCO/refer ids are integers (sometimes strings); anything else cannot name a record."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def _load_instances(path: Path) -> tuple[dict, dict, dict]:
@@ -141,6 +188,11 @@ def read_refer(root: str | os.PathLike[str], dataset: str, split_by: str, image_
         if missing:
             builder.fail(item, refs_path, f"missing keys {missing}")
             continue
+        bad = [k for k in ("ann_id", "image_id") if not _is_id(ref[k])]
+        if bad or not isinstance(ref["split"], str):
+            builder.fail(item, refs_path, f"{', '.join(bad) or 'split'} of type "
+                                          f"{type(ref[(bad or ['split'])[0]]).__name__} is not an id/string")
+            continue
         if keep is not None and ref["split"] not in keep:
             continue
         ann = anns.get(ref["ann_id"])
@@ -158,7 +210,7 @@ def read_refer(root: str | os.PathLike[str], dataset: str, split_by: str, image_
         try:
             size = (int(image["width"]), int(image["height"]))
             file_name = image["file_name"]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             builder.fail(f"image {ref['image_id']}", inst_path, f"no usable file_name/width/height ({e!r})")
             continue
         if not isinstance(file_name, str):
@@ -171,7 +223,8 @@ def read_refer(root: str | os.PathLike[str], dataset: str, split_by: str, image_
 
     masks: dict[Any, dict[str, Any] | None] = {}
     for item, ref, ann, image in todo:
-        cat = cats.get(ann.get("category_id", ref.get("category_id")))
+        cat_id = ann.get("category_id", ref.get("category_id"))
+        cat = cats.get(cat_id) if _is_id(cat_id) else None
         if not isinstance(ann.get("bbox"), (list, tuple)):
             builder.fail(item, inst_path, f"annotation {ann['id']} has no bbox")
             continue
@@ -181,7 +234,7 @@ def read_refer(root: str | os.PathLike[str], dataset: str, split_by: str, image_
         if ann["id"] not in masks:
             try:
                 masks[ann["id"]] = coco_rle(ann.get("segmentation"), int(image["height"]), int(image["width"]))
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 builder.fail(f"annotation {ann['id']}", inst_path, f"bad segmentation: {e}")
                 masks[ann["id"]] = None
         sentences = ref["sentences"]

@@ -66,8 +66,8 @@ def load_pickle(path: str | os.PathLike[str], *, encoding: str = "utf-8") -> Any
             return _RestrictedUnpickler(f, str(path), encoding=encoding).load()
         except DataError:
             raise
-        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError,
-                AttributeError, IndexError, KeyError, MemoryError) as e:
+        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError, AttributeError,
+                IndexError, KeyError, MemoryError, OverflowError, RecursionError) as e:
             raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
 
 
@@ -107,7 +107,8 @@ def load_torch_list(path: str | os.PathLike[str]) -> list[Any]:
             f"{path} {path.with_suffix('.plain.pth')} then put the .plain.pth file in place of the original "
             f"(keep a backup) and read again"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - weights_only loading runs no code; any failure means a bad file
+        # (a damaged archive or pickle stream surfaces as RuntimeError, EOFError, IndexError, KeyError, ...)
         raise DataError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from e
     if not isinstance(rows, (list, tuple)):
         raise DataError(f"{path}: expected a list of rows, found {type(rows).__name__}")

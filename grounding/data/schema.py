@@ -190,26 +190,80 @@ class CanonicalDataset:
         path = directory / DATASET_FILE if directory.is_dir() else directory
         if not path.exists():
             raise DataError(f"{path}: no prepared dataset here (run `grounding data prepare` first)")
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); "
+                            f"prepare it again") from None
+        if not isinstance(doc, dict):
+            raise DataError(f"{path}: expected a JSON object, found {type(doc).__name__}")
         version = doc.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise DataError(f"{path}: no integer format_version; not a grounding prepared dataset")
+        if version > FORMAT_VERSION:
             raise DataError(
                 f"{path}: dataset format version {version!r} is newer than this grounding "
                 f"(supports <= {FORMAT_VERSION}); upgrade grounding"
             )
-        root = Path(doc["image_root"])
-        if not root.is_absolute():
-            root = path.parent / root
-        images = [ImageRecord(**im) for im in doc["images"]]
-        refs = [
-            RefRecord(**{**r, "box": tuple(r["box"]) if r.get("box") is not None else None})
-            for r in doc["refs"]
-        ]
-        ds = cls(doc["name"], root, images, refs, doc.get("source", {}), doc.get("errors", []))
-        if ds.fingerprint() != doc.get("fingerprint"):
+        if version < 1:
+            raise DataError(f"{path}: unknown dataset format version {version!r} (supported: 1..{FORMAT_VERSION})")
+        try:
+            ds = cls._from_doc(doc, path)
+            fingerprint = ds.fingerprint()
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
+        if fingerprint != doc.get("fingerprint"):
             raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
         return ds
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any], path: Path) -> "CanonicalDataset":
+        """The dataset of a parsed ``dataset.json``; raises KeyError/TypeError/ValueError on bad structure."""
+
+        def records(key: str) -> list[dict[str, Any]]:
+            items = doc[key]
+            if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+                raise TypeError(f"{key!r} is not a list of objects")
+            return items
+
+        def text(value: Any, what: str) -> str:
+            if not isinstance(value, str):
+                raise TypeError(f"{what} is {type(value).__name__}, not a string")
+            return value
+
+        def number(value: Any, what: str) -> Any:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{what} is {type(value).__name__}, not a number")
+            return value
+
+        root = Path(text(doc["image_root"], "image_root"))
+        if not root.is_absolute():
+            root = path.parent / root
+        images = []
+        for im in records("images"):
+            for k in ("image_id", "path", "sha256", "orientation"):
+                text(im.get(k), f"image {k}")
+            for k in ("width", "height"):
+                if isinstance(im.get(k), bool) or not isinstance(im.get(k), int):
+                    raise TypeError(f"image {k} is not an integer")
+            images.append(ImageRecord(**im))
+        refs = []
+        for r in records("refs"):
+            for k in ("ref_id", "image_id", "text", "split"):
+                text(r.get(k), f"ref {k}")
+            box = r.get("box")
+            if box is not None:
+                if not isinstance(box, list) or len(box) != 4:
+                    raise TypeError(f"ref {r['ref_id']}: box is not a list of 4 numbers")
+                box = tuple(number(v, "box value") for v in box)
+            refs.append(RefRecord(**{**r, "box": box}))
+        source, errors = doc.get("source", {}), doc.get("errors", [])
+        if not isinstance(source, dict) or not isinstance(errors, list):
+            raise TypeError("'source' is not an object or 'errors' is not a list")
+        return cls(text(doc["name"], "name"), root, images, refs, source, errors)
 
 
 def canonical_json(obj: Any, indent: int | None = None) -> str:
@@ -281,8 +335,11 @@ class DatasetBuilder:
         if not isinstance(text, str):
             self.fail(item, file, f"text is {type(text).__name__}, not a string")
             return False
+        if not isinstance(split, str) or not split.strip():
+            self.fail(item, file, f"split {split!r} is not a non-empty string")
+            return False
         clean = normalize_text(text)
-        if not clean:
+        if not any(unicodedata.category(c)[0] not in "ZC" for c in clean):  # nothing visible (ZWSP, BOM, ...)
             self.fail(item, file, "empty sentence")
             return False
         if len(clean) > self.max_text_chars:
@@ -291,7 +348,12 @@ class DatasetBuilder:
         xyxy: tuple[float, float, float, float] | None = None
         if box is not None:
             try:
-                vals = [float(v) for v in box]
+                try:
+                    if isinstance(box, (str, bytes, dict)):
+                        raise TypeError(type(box).__name__)
+                    vals = [float(v) for v in box]
+                except (TypeError, ValueError, OverflowError):
+                    raise ValueError(f"box {box!r:.80} is not 4 numbers") from None
                 if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
                     raise ValueError(f"box {vals} is not 4 finite numbers")
                 arr = B.convert(np.array([vals]), box_format, "xyxy")

@@ -103,7 +103,8 @@ def read_simrec(json_path: str | os.PathLike[str], image_root: str | os.PathLike
     add_images(builder, requests)
 
     for split, _i, it in todo:
-        cat = categories.get(it.get("cat_id")) if categories is not None else None
+        cat_id = it.get("cat_id")
+        cat = categories.get(cat_id) if categories is not None and isinstance(cat_id, (int, str)) else None
         for k, text in enumerate(it["refs"]):
             builder.add_ref(ref_id=f"{dataset}/{it['mask_id']}/{k}", image_id=str(it["iid"]), text=text,
                             split=split, box=it["bbox"], box_format="xywh", category=cat, file=json_path)

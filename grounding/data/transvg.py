@@ -133,7 +133,11 @@ def read_transvg(root: str | os.PathLike[str], dataset: str, image_root: str | o
             except ValueError as e:
                 builder.fail(f"ref {ref_id}", path, str(e))
                 continue
-            image_id = PurePosixPath(img_file.replace("\\", "/")).with_suffix("").as_posix()
+            try:
+                image_id = PurePosixPath(img_file.replace("\\", "/")).with_suffix("").as_posix()
+            except ValueError as e:  # e.g. "/" or "a/": no file name to strip a suffix from
+                builder.fail(f"ref {ref_id}", path, f"img_file {img_file!r}: {e}")
+                continue
             requests.append(ImageRequest(image_id, img_file, None, str(path), orientation_when_unknown(dataset)))
             todo.append((ref_id, image_id, path, split, bbox, phrase))
 

@@ -34,7 +34,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/shard_io.py
+	$(VENV)/bin/grounding run yolo-anchors --set progress=false
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/suite.py
 
 repro: $(STAMP)
 	$(VENV)/bin/dvc repro

@@ -1,0 +1,127 @@
+"""The benchmark suite: runs every benchmark script (each a side-by-side ratio measured in one run), then
+collects their JSON outputs into ``benchmarks/results.json`` and the markdown table
+``benchmarks/results.md`` that the README includes.
+
+    python benchmarks/suite.py [--only shard_io,teacher_throughput,...] [--collect-only]
+
+``make bench`` runs it. Each benchmark writes ``benchmarks/out/<name>.json``; ``--collect-only`` rebuilds
+the table from those files without rerunning anything. Prints the device each benchmark used (CUDA when
+present: device ``auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+#: name -> (arguments of ``benchmarks/<name>.py``, what it needs first)
+COMMANDS: dict[str, tuple[list[str], str]] = {
+    "shard_io": ([], "nothing"),
+    "teacher_throughput": (["--only", "frcnn,fcos,yolo,clip", "--random-weights"], "grounding run prepare"),
+    "refclip_train_speed": ([], "grounding run yolo-anchors"),
+    "student_step": ([], "nothing (random tiny CLIP)"),
+    "orchestration_overhead": ([], "nothing (builds a temporary project)"),
+    "incremental": ([], "nothing (temporary dataset)"),
+    "kill_resume": (["--json", str(OUT / "kill_resume.json")], "nothing (temporary dataset)"),
+}
+
+
+def _r(x: Any, nd: int = 3) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def rows_shard_io(d: dict) -> list[tuple[str, str, str]]:
+    return [("shard I/O: `ShardSet.get` vs np.memmap (random reads)", _r(d["ratio_shardset_vs_memmap"], 2), "cpu"),
+            ("shard I/O: `ShardSet.get` vs one .npy per row", _r(d["ratio_shardset_vs_npy_per_row"], 1), "cpu")]
+
+
+def rows_teacher_throughput(d: dict) -> list[tuple[str, str, str]]:
+    return [(f"teacher stage ÷ bare model images/s: {r['teacher']}", _r(r["ratio"]), r.get("device", "?"))
+            for r in d["results"]]
+
+
+def rows_refclip_train_speed(d: dict) -> list[tuple[str, str, str]]:
+    return [("RefCLIP training: online YOLO s/step ÷ cached-anchor s/step", _r(d["speedup_cached_over_online"], 1),
+             d["device"])]
+
+
+def _generic(d: dict, name: str) -> list[tuple[str, str, str]]:
+    """Benchmarks that name their own headline figures in ``summary``: ``{label: value}``."""
+    dev = d.get("device", d.get("meta", {}).get("device", "cpu"))
+    return [(f"{name}: {k}", _r(v), dev) for k, v in d.get("summary", {}).items()]
+
+
+EXTRACT: dict[str, Callable[[dict], list[tuple[str, str, str]]]] = {
+    "shard_io": rows_shard_io,
+    "teacher_throughput": rows_teacher_throughput,
+    "refclip_train_speed": rows_refclip_train_speed,
+}
+
+
+def run(name: str) -> float:
+    args, _ = COMMANDS[name]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(HERE / f"{name}.py"), *args], check=True, cwd=HERE.parent)
+    return time.perf_counter() - t0
+
+
+def collect(names: list[str]) -> dict[str, Any]:
+    rows, missing = [], []
+    for name in names:
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            missing.append(name)
+            continue
+        d = json.loads(path.read_text())
+        for label, value, device in EXTRACT.get(name, lambda d, n=name: _generic(d, n))(d):
+            rows.append({"benchmark": name, "figure": label, "value": value, "device": device,
+                         "command": f"python benchmarks/{name}.py {' '.join(COMMANDS[name][0])}".strip()})
+    machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {"machine": machine, "rows": rows, "missing": missing}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"Machine: {m['machine']}, {m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, "
+             f"GPU: {m['cuda'] or 'none'}.", "", "| figure | value | device | command |", "|---|---:|---|---|"]
+    lines += [f"| {r['figure']} | {r['value']} | {r['device']} | `{r['command']}` |" for r in res["rows"]]
+    if res["missing"]:
+        lines += ["", f"Not run: {', '.join(res['missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(COMMANDS), help=f"comma-separated subset of {list(COMMANDS)}")
+    ap.add_argument("--collect-only", action="store_true", help="rebuild the table from benchmarks/out/*.json")
+    a = ap.parse_args()
+    names = [n.strip() for n in a.only.split(",") if n.strip()]
+    unknown = set(names) - set(COMMANDS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; known: {list(COMMANDS)}")
+    print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if torch.cuda.is_available() else 'cpu'}")
+    if not a.collect_only:
+        for name in names:
+            print(f"== {name} (needs: {COMMANDS[name][1]})", flush=True)
+            print(f"   {run(name):.0f} s", flush=True)
+    res = collect(names)
+    (HERE / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (HERE / "results.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

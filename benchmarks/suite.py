@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "student_step": ([], "nothing (random tiny CLIP)"),
     "orchestration_overhead": ([], "nothing (builds a temporary project)"),
     "incremental": ([], "nothing (temporary dataset)"),
-    "kill_resume": (["--json", str(OUT / "kill_resume.json")], "nothing (temporary dataset)"),
+    "kill_resume": (["--json", "benchmarks/out/kill_resume.json"], "nothing (temporary dataset)"),
 }
 
 
@@ -57,6 +57,34 @@ def rows_refclip_train_speed(d: dict) -> list[tuple[str, str, str]]:
              d["device"])]
 
 
+def rows_student_step(d: dict) -> list[tuple[str, str, str]]:
+    dev = d.get("device", "cpu")
+    return [(f"student-epmvg step: cached teacher ÷ no teacher ({d['teacher_model']})", _r(d["cached_over_no_teacher"], 2), dev),
+            (f"student-epmvg step: online CLIP ÷ cached ({d['teacher_model']})", _r(d["online_over_cached"], 2), dev)]
+
+
+def rows_incremental(d: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for stage, r in d["stages"].items():
+        out.append((f"+{d['images_grown'] - d['images']} images on {d['images']}: {stage} rows computed ÷ full run",
+                    _r(r["rows_ratio"]), d.get("device", "cpu")))
+        out.append((f"  … {stage} seconds ÷ full run (byte-identical: {r['byte_identical']})", _r(r["seconds_ratio"], 2),
+                    d.get("device", "cpu")))
+    return out
+
+
+def rows_kill_resume(d: dict) -> list[tuple[str, str, str]]:
+    return [(f"kill/resume: SIGKILLed `{d['stage']}` reruns byte-identical, partial sets refused", f"{d['passed']}/{d['trials']}",
+             "cpu")]
+
+
+def rows_orchestration_overhead(d: dict) -> list[tuple[str, str, str]]:
+    return [(f"no-op `dvc repro` seconds ÷ first run ({d['n_stages']} stages, {d['n_images']} images)",
+             f"{d['noop_dvc_repro_s']:.1f} s / {d['first_run_s']:.0f} s = {d['ratio_noop_dvc_vs_first']:.4f}", "cpu"),
+            ("cached Prefect flow run seconds ÷ first run",
+             f"{d['cached_flow_s']:.1f} s / {d['first_run_s']:.0f} s = {d['ratio_cached_flow_vs_first']:.4f}", "cpu")]
+
+
 def _generic(d: dict, name: str) -> list[tuple[str, str, str]]:
     """Benchmarks that name their own headline figures in ``summary``: ``{label: value}``."""
     dev = d.get("device", d.get("meta", {}).get("device", "cpu"))
@@ -67,6 +95,10 @@ EXTRACT: dict[str, Callable[[dict], list[tuple[str, str, str]]]] = {
     "shard_io": rows_shard_io,
     "teacher_throughput": rows_teacher_throughput,
     "refclip_train_speed": rows_refclip_train_speed,
+    "student_step": rows_student_step,
+    "incremental": rows_incremental,
+    "kill_resume": rows_kill_resume,
+    "orchestration_overhead": rows_orchestration_overhead,
 }
 
 

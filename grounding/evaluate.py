@@ -88,6 +88,8 @@ def run_evaluate(params) -> "Path":  # noqa: ANN001
         logging.getLogger(__name__).warning("evaluate: no metrics yet for %s (run those stages first)", missing)
     out = metrics / "students.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"students": docs, "missing": missing}, indent=1, sort_keys=True) + "\n")
-    (metrics / "students.md").write_text(students_table(docs))
+    for path, text in ((out, json.dumps({"students": docs, "missing": missing}, indent=1, sort_keys=True) + "\n"),
+                       (metrics / "students.md", students_table(docs))):
+        if not path.is_file() or path.read_text() != text:  # unchanged: leave the file (and its mtime) alone
+            path.write_text(text)
     return out

@@ -264,8 +264,13 @@ def model_path(params: Any, stage: str) -> Path:
 
 
 def write_json(path: Path, doc: Any) -> Path:
+    """Write ``doc`` as sorted JSON; a file that already holds exactly that text is left alone (its mtime
+    too), so a cached rerun touches nothing DVC or Prefect watch."""
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    path.write_text(text)
     return path
 
 

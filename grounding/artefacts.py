@@ -9,12 +9,15 @@ that passes the check.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from grounding.shards.keys import file_sha256
 from grounding.shards.manifest import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 def sidecar(path: Path) -> Path:
@@ -40,6 +43,7 @@ def build_once(path: str | os.PathLike[str], key: str, build: Callable[[Path], N
     """Make ``path`` the output of ``key``: reuse it when current, else ``build(tmp)`` and commit."""
     path = Path(path)
     if is_current(path, key):
+        log.info("%s: up to date (key %s)", path, key[:12])
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     side = sidecar(path)

@@ -12,7 +12,10 @@ The result is byte-identical to the serial run.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -43,10 +46,46 @@ def stages_for(target: str) -> list[str]:
     return stages.plan(wanted)
 
 
+class _CacheHits(logging.Handler):
+    """Collects the "... up to date ..." lines the stages' key checks log, in this thread only."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and "up to date" in (msg := record.getMessage()):
+            self.lines.append(msg)
+
+    def hit(self, out: object) -> bool:
+        """True when a key check said the output ``out`` itself was up to date (not, say, an input)."""
+        return any(str(out) in line for line in self.lines)
+
+
+@contextmanager
+def cache_report() -> Iterator[_CacheHits]:
+    """Within this context, the handler collects the stages' "up to date" lines (see ``hit``)."""
+    logger, handler = logging.getLogger("grounding"), _CacheHits()
+    level = logger.level
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @task(name="stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5], task_run_name="{name}")
 def stage_task(name: str, params_doc: dict[str, Any]) -> str:
-    """Run (or reuse) one stage; returns its output directory."""
-    return str(stages.run(name, config.from_dict(params_doc)))
+    """Run (or reuse) one stage; returns its output directory and logs "cache hit" when the stage's key
+    check found its output up to date (whoever made it: DVC, Prefect or ``grounding run``)."""
+    with cache_report() as report:
+        out = stages.run(name, config.from_dict(params_doc))
+    get_run_logger().info("%s: %s", name, "cache hit (up to date)" if report.hit(out) else f"ran → {out}")
+    return str(out)
 
 
 @task(name="stage-part", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5],

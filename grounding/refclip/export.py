@@ -15,6 +15,7 @@ which is which and where the pseudo-labels came from.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -128,6 +129,7 @@ def run_refclip_export(params: Any) -> Path:
     done = out / "export.json"
     if done.exists() and json.loads(done.read_text()).get("key") == key and all(
             (out / f).exists() for f in json.loads(done.read_text())["files"]):
+        logging.getLogger(__name__).info("refclip-export: up to date at %s (key %s)", out, key[:12])
         return out
     done.unlink(missing_ok=True)
     files = export_pseudo(pseudo_dir, ds, out / "simrec" / f"{ds.name}.json", "simrec")

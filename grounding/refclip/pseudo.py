@@ -117,6 +117,8 @@ def run_refclip_pseudo(params: Params) -> Path:
     report = {"refclip": metrics(ref_ids, fields, ds, table, params.seed),
               "sentences_without_anchors": len(missing)}
     mpath = Path(params.paths.metrics) / "refclip.json"
-    mpath.parent.mkdir(parents=True, exist_ok=True)
-    mpath.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(report, indent=1, sort_keys=True) + "\n"
+    if not mpath.is_file() or mpath.read_text() != text:  # unchanged: leave the file (and its mtime) alone
+        mpath.parent.mkdir(parents=True, exist_ok=True)
+        mpath.write_text(text)
     return path

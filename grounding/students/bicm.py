@@ -380,8 +380,9 @@ def run_student_bicm(params: Params) -> Path:
                   kam={"pairs": len({r.image_id for r in refs if r.split == bp.kam_split}),
                        "pseudo_labels": len(pseudo),
                        "pseudo_label_precision": round(float(np.mean(precision)), 4) if precision else None},
-                  select=bp.select, **read_timing(mpath), throughput_unit="KAM training candidate rows per second",
-                  scoring_sentences_per_s=round(scoring_speed, 2))
+                  select=bp.select, **read_timing(mpath), throughput_unit="KAM training candidate rows per second")
+    # logged, not stored: a cached rerun must leave the metrics file byte-identical
+    logging.getLogger(__name__).info("student-bicm: scored %.1f sentences/s", scoring_speed)
     write_json(curve_path(params, STAGE), ckpt["curve"])
     return write_predictions(params, STAGE, MODULES, ds, final, inp.keys,
                              bp.model_dump(mode="json") | {"seed": params.seed}, file_sha256(mpath))

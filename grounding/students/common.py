@@ -307,8 +307,11 @@ def outputs_current(params: Any, stage: str, modules: Sequence[str], ds: Canonic
     from grounding.shards import is_complete
 
     key = _prediction_key(stage, modules, ds, inputs, stage_params)[3]
-    return (is_complete(params.student_dir(stage), key) and model_path(params, stage).is_file()
-            and metrics_path(params, stage).is_file())
+    current = (is_complete(params.student_dir(stage), key) and model_path(params, stage).is_file()
+               and metrics_path(params, stage).is_file())
+    if current:
+        log.info("%s: up to date at %s (key %s)", stage, params.student_dir(stage), key[:12])
+    return current
 
 
 def write_predictions(params: Any, stage: str, modules: Sequence[str], ds: CanonicalDataset,

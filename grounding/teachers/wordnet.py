@@ -853,8 +853,10 @@ def run_wordnet_labels(params: Any) -> Path:
         inputs=inputs, teacher=teacher, extra=extra, out_dir=out,
     )
     metrics = Path(params.paths.metrics) / STAGE / f"{params.dataset.name}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(rep, indent=1, sort_keys=True) + "\n"
+    if not metrics.is_file() or metrics.read_text() != text:  # unchanged: leave the file (and its mtime) alone
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(text)
     log.info("%s: coverage %.3f (%d/%d)%s", STAGE, rep["coverage"], rep["labelled"], rep["phrases"],
              f", argmax accuracy {rep['argmax_accuracy']:.3f}" if "argmax_accuracy" in rep else "")
     return result

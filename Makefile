@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH dvc repro
+	PATH=$(abspath $(VENV))/bin:$$PATH dvc metrics show
 	$(VENV)/bin/grounding demo
+	$(VENV)/bin/grounding shards ls data
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -194,7 +194,7 @@ def test_students_end_to_end_contract_and_reproducibility(tiny: config.Params, t
         "models": str(tmp_path / "models"), "metrics": str(tmp_path / "metrics"), "students": str(tmp_path / "s")})})
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "refclip.json").write_text((Path(tiny.paths.metrics) / "refclip.json").read_text())
-    for stage in ("student-rec-pseudo", "student-epmvg"):
+    for stage in ("student-rec-pseudo", "student-epmvg", "student-pbrec"):
         stages.run(stage, again)
         a = json.loads((Path(tiny.paths.metrics) / f"{stage}.json").read_text())
         b = json.loads((tmp_path / "metrics" / f"{stage}.json").read_text())

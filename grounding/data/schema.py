@@ -21,7 +21,7 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Literal
 
@@ -148,10 +148,10 @@ class CanonicalDataset:
         h = hashlib.sha256()
         h.update(f"grounding-dataset-v{FORMAT_VERSION}\n".encode())
         for im in self.images:
-            h.update(canonical_json(asdict(im)).encode() + b"\n")
+            h.update(canonical_json(_fields_of(im)).encode() + b"\n")
         h.update(b"--refs--\n")
         for r in self.refs:
-            h.update(canonical_json(asdict(r)).encode() + b"\n")
+            h.update(canonical_json(_fields_of(r)).encode() + b"\n")
         return h.hexdigest()
 
     # ---- storage ---------------------------------------------------------------------------------------
@@ -264,6 +264,12 @@ class CanonicalDataset:
         if not isinstance(source, dict) or not isinstance(errors, list):
             raise TypeError("'source' is not an object or 'errors' is not a list")
         return cls(text(doc["name"], "name"), root, images, refs, source, errors)
+
+
+def _fields_of(record: Any) -> dict[str, Any]:
+    """A record's fields as a shallow dict: the same JSON as ``dataclasses.asdict`` for our flat, frozen
+    records, without deep-copying masks (the fingerprint of a large dataset was dominated by that copy)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def canonical_json(obj: Any, indent: int | None = None) -> str:

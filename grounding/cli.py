@@ -67,8 +67,8 @@ def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding 
         try:
             out = stages.run(name, p)
         except (DataError, ShardError, C.ConfigError, OSError) as e:  # OSError: missing file, disk full, ...
-            _fail(f"stage {name}: {e} (committed shards are kept; rerun to resume)"
-                  if not isinstance(e, FileNotFoundError) else f"stage {name}: {e}")
+            resumable = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)  # disk full, I/O error
+            _fail(f"stage {name}: {e}" + (" (committed shards are kept; rerun to resume)" if resumable else ""))
         console.print(f"[green]{name}[/green] → {out}")
 
 

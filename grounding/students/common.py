@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from PIL import Image
 from grounding.boxes import Letterbox
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.evaluate import accuracy
+from grounding.runtime import torch_threads  # noqa: F401 - re-exported for the student stages
 from grounding.shards import FieldSpec, ShardSet
 
 log = logging.getLogger(__name__)
@@ -172,18 +172,6 @@ def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_d
     if bb:
         groups.append({"params": bb, "lr": lr_backbone, "weight_decay": weight_decay})
     return groups
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (None: unchanged)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 LossFn = Callable[[torch.nn.Module, np.ndarray, int], tuple[torch.Tensor, dict[str, float]]]

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from grounding.config import ClipParams, ConfigError, Params
@@ -347,11 +348,17 @@ class ImageItems(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> Loaded:
+    def _decode(self, i: int) -> Image.Image | Loaded:
+        """Image ``i`` as RGB, or the failed :class:`Loaded` item (decode errors follow ``on_error`` later)."""
         try:
-            img = load_rgb(self.root, self.records[i])
+            return load_rgb(self.root, self.records[i])
         except (DataError, OSError) as e:  # ImageError is a DataError
             return Loaded(i, None, str(e))
+
+    def __getitem__(self, i: int) -> Loaded:
+        img = self._decode(i)
+        if isinstance(img, Loaded):
+            return img
         return Loaded(i, _cached_transform(self.preprocess_json)(img), meta=(img.width, img.height))
 
 
@@ -364,7 +371,7 @@ def crop_box_pixels(box: Sequence[float], width: int, height: int) -> tuple[int,
     return l, t, r, b
 
 
-class CropItems(Dataset):
+class CropItems(ImageItems):
     """Per image: every box cropped in original pixels and preprocessed by the model's transform,
     stacked ``(K, 3, S, S)`` (``K`` may be 0). Decoded in workers; plain data only."""
 
@@ -372,20 +379,14 @@ class CropItems(Dataset):
                  boxes: Sequence[np.ndarray], preprocess: Mapping[str, Any], image_size: int) -> None:
         if len(records) != len(boxes):
             raise ValueError(f"CropItems: {len(records)} images but {len(boxes)} box arrays")
-        self.root = str(root)
-        self.records = list(records)
+        super().__init__(root, records, preprocess)
         self.boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
-        self.preprocess_json = json.dumps(dict(preprocess), sort_keys=True)
         self.image_size = int(image_size)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def __getitem__(self, i: int) -> Loaded:
-        try:
-            img = load_rgb(self.root, self.records[i])
-        except (DataError, OSError) as e:  # ImageError is a DataError
-            return Loaded(i, None, str(e))
+        img = self._decode(i)
+        if isinstance(img, Loaded):
+            return img
         tf = _cached_transform(self.preprocess_json)
         crops = [tf(img.crop(crop_box_pixels(b, img.width, img.height))) for b in self.boxes[i]]
         s = self.image_size

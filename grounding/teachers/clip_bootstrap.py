@@ -20,13 +20,12 @@ when its key (code, architecture, preprocessing, bootstrap params, seed, dataset
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from grounding.artefacts import build_once
 from grounding.config import ClipBootstrapParams, Params
 from grounding.data.images import ImageError, load_rgb
 from grounding.data.schema import CanonicalDataset, DataError
+from grounding.runtime import torch_threads
 from grounding.shards.keys import code_version, digest
 
 log = logging.getLogger(__name__)
@@ -199,18 +199,6 @@ def state_dict_bytes(model: torch.nn.Module) -> bytes:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (``None``: leave torch's setting alone)."""
-    prev = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def bootstrap_weights(params: Params) -> Path:

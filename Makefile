@@ -52,10 +52,10 @@ clean:
 .PHONY: mmdet
 mmdet: $(STAMP)
 	rm -rf .cache/mmcv-build && mkdir -p .cache/mmcv-build
-	$(PYTHON) -m venv .cache/mmcv-build/dl && .cache/mmcv-build/dl/bin/pip install --quiet "setuptools<70"
+	$(PYTHON) -m venv .cache/mmcv-build/dl && .cache/mmcv-build/dl/bin/pip install --quiet "setuptools<70" wheel
 	cd .cache/mmcv-build && dl/bin/pip download --quiet --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0
 	cd .cache/mmcv-build && tar xzf mmcv-2.1.0.tar.gz && sed -i 's/-std=c++1[47]/-std=c++20/g' mmcv-2.1.0/setup.py
-	$(PY) -m pip install --quiet "setuptools<70" ninja
+	$(PY) -m pip install --quiet "setuptools<70" wheel ninja
 	cd .cache/mmcv-build/mmcv-2.1.0 && MMCV_WITH_OPS=1 MAX_JOBS=2 $(abspath $(PY)) -m pip install --no-build-isolation .
 	$(PY) -m pip install --quiet mmengine==0.10.7 mmdet==3.3.0
 	$(PY) -c "import mmcv.ops, mmdet; print('mmdet', mmdet.__version__, 'mmcv', mmcv.__version__, 'with ops')"

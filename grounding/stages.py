@@ -8,7 +8,6 @@ cache. ``run`` returns the output directory.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from grounding import __version__
 from grounding.config import Params
-from grounding.data.schema import DATASET_FILE, CanonicalDataset, canonical_json
+from grounding.data.schema import DATASET_FILE, CanonicalDataset, canonical_json, read_records
 from grounding.shards import FieldSpec, ShardSetSpec, ShardWriter, code_version, stage_key
 from grounding.shards.keys import content_base
 
@@ -122,35 +121,44 @@ def write_stage(
     return out
 
 
-def dataset_item_hashes(images: Sequence[Mapping[str, Any]], refs: Sequence[Mapping[str, Any]], level: str,
+def dataset_item_hashes(images: Sequence[Mapping[str, Any]], refs: Iterable[Mapping[str, Any]], level: str,
                         item_keys: Sequence[str]) -> list[str] | None:
     """Content hash of each item from the dataset's records (as stored in ``dataset.json``): for
     image-level items the image record (incl. the sha256 of the file's bytes) and its sentences; for
-    sentence-level items the sentence record and its image's record. ``None`` when the items are not the
-    dataset's images (or sentences) of that level."""
-    def h(obj: Any) -> str:
-        return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+    sentence-level items the sentence record and its image's record. ``refs`` is read once, in stored
+    (``ref_id``) order, and not kept: memory grows with the images, not the sentences. ``None`` when the
+    items are not the dataset's images (or sentences) of that level."""
+    def h(*parts: str) -> str:
+        return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
-    by_image = {im["image_id"]: im for im in images}
+    if level not in ("image", "sentence"):
+        return None
+    image_json = {im["image_id"]: canonical_json(im) for im in images}
     if level == "image":
-        if not all(k in by_image for k in item_keys):
+        if not all(k in image_json for k in item_keys):
             return None
-        per_image: dict[str, list[Mapping[str, Any]]] = {}
+        per_image: dict[str, Any] = {}  # image_id -> running sha256 of its sentences
         for r in refs:
-            per_image.setdefault(r["image_id"], []).append(r)
-        return [h({"image": by_image[k], "refs": per_image.get(k, [])}) for k in item_keys]
-    if level == "sentence":
-        by_ref = {r["ref_id"]: r for r in refs}
-        if not all(k in by_ref for k in item_keys):
-            return None
-        return [h({"ref": by_ref[k], "image": by_image[by_ref[k]["image_id"]]}) for k in item_keys]
-    return None
+            acc = per_image.get(r["image_id"])
+            if acc is None:
+                acc = per_image[r["image_id"]] = hashlib.sha256()
+            acc.update(canonical_json(r).encode("utf-8") + b"\n")
+        empty = hashlib.sha256().hexdigest()
+        return [h("image", image_json[k], per_image[k].hexdigest() if k in per_image else empty)
+                for k in item_keys]
+    wanted, found = set(item_keys), {}
+    for r in refs:
+        if r["ref_id"] in wanted:
+            found[r["ref_id"]] = h("sentence", canonical_json(r), image_json.get(r["image_id"], ""))
+    if len(found) != len(wanted):
+        return None
+    return [found[k] for k in item_keys]
 
 
 def _item_hashes(params: Params, how: Mapping[str, str] | Callable[[str], str] | str | None, level: str,
                  item_keys: list[str], inputs: Mapping[str, str]) -> list[str] | None:
     """Per-item content hashes for :func:`write_stage` (``None``: shards addressed by the stage key).
-    ``"auto"`` reads the prepared ``dataset.json`` and uses it only when its recorded fingerprint is
+    ``"auto"`` streams the prepared ``dataset.json`` and uses it only when its recorded fingerprint is
     ``inputs["dataset"]`` (the stage's own load checked that fingerprint against the content)."""
     if how is None:
         return None
@@ -160,13 +168,13 @@ def _item_hashes(params: Params, how: Mapping[str, str] | Callable[[str], str] |
         if "dataset" not in inputs or level not in ("image", "sentence"):
             return None
         try:
-            doc = json.loads((params.prepared_dir() / DATASET_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            head, images, refs = read_records(params.prepared_dir() / DATASET_FILE)
+            if head.get("fingerprint") != inputs["dataset"]:
+                return None
+            return dataset_item_hashes(images, refs, level, item_keys)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
             log.debug("no item hashes (prepared dataset unreadable: %s)", e)
             return None
-        if doc.get("fingerprint") != inputs["dataset"]:
-            return None
-        return dataset_item_hashes(doc["images"], doc["refs"], level, item_keys)
     if callable(how):
         return [str(how(k)) for k in item_keys]
     return [str(how[k]) for k in item_keys]

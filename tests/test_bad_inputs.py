@@ -299,21 +299,23 @@ def test_regression_empty_split_is_a_recorded_skip(tmp_path: Path, split: str) -
 
 
 @pytest.mark.parametrize("content, match", [
-    ("half", "not a readable prepared dataset"),
+    ("half", "not a readable prepared dataset|truncated prepared dataset"),
     ("[1, 2]", "expected a JSON object, found list"),
-    ('{"format_version": 1}', "malformed prepared dataset .KeyError"),
+    ('{"format_version": 1}', "malformed prepared dataset"),
     ('{"format_version": 0}', "unknown dataset format version 0"),
     ('{"format_version": "1"}', "no integer format_version"),
     ('{"format_version": 7}', "format version 7 is newer"),
 ], ids=["truncated", "list", "no-keys", "version-zero", "version-string", "version-newer"])
-def test_regression_prepared_dataset_json_damage(tmp_path: Path, content: str, match: str) -> None:
-    """Truncated or malformed dataset.json raised JSONDecodeError / KeyError / AttributeError; now DataError."""
+@pytest.mark.parametrize("refs", [True, False], ids=["whole", "images-only"])
+def test_regression_prepared_dataset_json_damage(tmp_path: Path, content: str, match: str, refs: bool) -> None:
+    """Truncated or malformed dataset.json raised JSONDecodeError / KeyError / AttributeError; now DataError,
+    whether the file is read whole or streamed for its images (``refs=False``)."""
     paths = F.make_refcoco(tmp_path / "r")
     read_refer(paths["root"], "refcoco", "unc", paths["image_root"]).save(tmp_path / "p")
     f = tmp_path / "p" / "dataset.json"
     f.write_text(f.read_text()[: len(f.read_text()) // 2] if content == "half" else content)
     with pytest.raises(DataError, match=match):
-        CanonicalDataset.load(tmp_path / "p")
+        CanonicalDataset.load(tmp_path / "p", refs=refs)
 
 
 # ---- shard sets ---------------------------------------------------------------------------------------------

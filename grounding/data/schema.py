@@ -21,9 +21,9 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -145,14 +145,9 @@ class CanonicalDataset:
     # ---- identity --------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of images and refs (independent of location and input order)."""
-        h = hashlib.sha256()
-        h.update(f"grounding-dataset-v{FORMAT_VERSION}\n".encode())
-        for im in self.images:
-            h.update(canonical_json(_fields_of(im)).encode() + b"\n")
-        h.update(b"--refs--\n")
-        for r in self.refs:
-            h.update(canonical_json(_fields_of(r)).encode() + b"\n")
-        return h.hexdigest()
+        if isinstance(self.refs, _RefsNotLoaded):
+            return self._fingerprint
+        return _fingerprint_of(self.images, self.refs)
 
     # ---- storage ---------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -164,106 +159,281 @@ class CanonicalDataset:
             root_str = root.relative_to(directory.resolve()).as_posix()
         except ValueError:
             root_str = str(root)
-        doc = {
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "image_root": root_str,
-            "fingerprint": self.fingerprint(),
-            "source": self.source,
-            "errors": self.errors,
-            "images": [asdict(im) for im in self.images],
-            "refs": [asdict(r) for r in self.refs],
-        }
+        head = {"errors": self.errors, "fingerprint": self.fingerprint(), "format_version": FORMAT_VERSION,
+                "image_root": root_str}
         out = directory / DATASET_FILE
         tmp = out.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(canonical_json(doc, indent=None))
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            # One JSON document (keys in canonical order), laid out one record per line: see LINE_LAYOUT.
+            f.write(canonical_json(head)[:-1] + ",\n")
+            _write_records(f, "images", self.images)
+            f.write(canonical_json({"name": self.name})[1:-1] + ",\n")
+            _write_records(f, "refs", self.refs)
+            f.write(canonical_json({"source": self.source})[1:] + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
         return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "CanonicalDataset":
-        """Read a dataset written by :meth:`save`; checks format version and fingerprint."""
+    def load(cls, directory: str | os.PathLike[str], *, refs: bool = True) -> "CanonicalDataset":
+        """Read a dataset written by :meth:`save`; checks format version and fingerprint.
+
+        ``refs=False`` keeps only the images: the sentences are streamed, validated and hashed into the
+        fingerprint check one line at a time, so memory does not grow with their number (image-level teacher
+        stages at 100k images). Reading ``ds.refs`` of such a dataset raises :class:`DataError`."""
         directory = Path(directory)
         path = directory / DATASET_FILE if directory.is_dir() else directory
         if not path.exists():
             raise DataError(f"{path}: no prepared dataset here (run `grounding data prepare` first)")
+        if not refs:
+            try:
+                return cls._load_images(path)
+            except _NotLineLayout:  # an older or hand-made file: read it whole, keep the images
+                pass
+        head, images, ref_iter = read_records(path)
+        refs_read = list(ref_iter)  # sets head["source"] when streamed
         try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); "
-                            f"prepare it again") from None
-        if not isinstance(doc, dict):
-            raise DataError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-        version = doc.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise DataError(f"{path}: no integer format_version; not a grounding prepared dataset")
-        if version > FORMAT_VERSION:
-            raise DataError(
-                f"{path}: dataset format version {version!r} is newer than this grounding "
-                f"(supports <= {FORMAT_VERSION}); upgrade grounding"
-            )
-        if version < 1:
-            raise DataError(f"{path}: unknown dataset format version {version!r} (supported: 1..{FORMAT_VERSION})")
-        try:
-            ds = cls._from_doc(doc, path)
+            ds = cls._from_doc({**head, "images": images, "refs": refs_read}, path)
             fingerprint = ds.fingerprint()
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
-        if fingerprint != doc.get("fingerprint"):
+        if fingerprint != head.get("fingerprint"):
             raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
-        return ds
+        return ds if refs else ds._images_only(fingerprint)
+
+    @classmethod
+    def _load_images(cls, path: Path) -> "CanonicalDataset":
+        """:meth:`load` with ``refs=False`` on a file in :data:`LINE_LAYOUT` (else :class:`_NotLineLayout`)."""
+        head, raw_images, raw_refs = read_records(path, line_layout_only=True)
+        try:
+            images = [_image_record(im) for im in raw_images]
+            ids = [im.image_id for im in images]
+            if any(a >= b for a, b in zip(ids, ids[1:])):
+                raise _NotLineLayout  # unsorted or duplicated: the full reader says which
+            known = set(ids)
+
+            def checked_refs() -> Iterator[RefRecord]:
+                last = ""
+                for raw in raw_refs:
+                    r = _ref_record(raw)
+                    if r.ref_id <= last:
+                        raise _NotLineLayout
+                    if r.image_id not in known:
+                        raise DataError(f"ref {r.ref_id} points at unknown image {r.image_id!r}")
+                    last = r.ref_id
+                    yield r
+
+            fingerprint = _fingerprint_of(images, checked_refs())
+            source, errors = head.get("source", {}), head.get("errors", [])
+            if not isinstance(source, dict) or not isinstance(errors, list):
+                raise TypeError("'source' is not an object or 'errors' is not a list")
+            ds = cls.__new__(cls)
+            ds.name, ds.image_root = _text(head["name"], "name"), _image_root(head, path)
+            ds.images, ds.refs, ds.source, ds.errors = images, [], source, errors
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
+        if fingerprint != head.get("fingerprint"):
+            raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
+        return ds._images_only(fingerprint)
+
+    def _images_only(self, fingerprint: str) -> "CanonicalDataset":
+        """This dataset without its sentences, remembering the (checked) fingerprint of the whole."""
+        self.refs = _RefsNotLoaded(self.name)
+        self._fingerprint = fingerprint
+        return self
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any], path: Path) -> "CanonicalDataset":
         """The dataset of a parsed ``dataset.json``; raises KeyError/TypeError/ValueError on bad structure."""
-
-        def records(key: str) -> list[dict[str, Any]]:
-            items = doc[key]
-            if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+        for key in ("images", "refs"):
+            if not isinstance(doc[key], list) or not all(isinstance(it, dict) for it in doc[key]):
                 raise TypeError(f"{key!r} is not a list of objects")
-            return items
-
-        def text(value: Any, what: str) -> str:
-            if not isinstance(value, str):
-                raise TypeError(f"{what} is {type(value).__name__}, not a string")
-            return value
-
-        def number(value: Any, what: str) -> Any:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{what} is {type(value).__name__}, not a number")
-            return value
-
-        root = Path(text(doc["image_root"], "image_root"))
-        if not root.is_absolute():
-            root = path.parent / root
-        images = []
-        for im in records("images"):
-            for k in ("image_id", "path", "sha256", "orientation"):
-                text(im.get(k), f"image {k}")
-            for k in ("width", "height"):
-                if isinstance(im.get(k), bool) or not isinstance(im.get(k), int):
-                    raise TypeError(f"image {k} is not an integer")
-            images.append(ImageRecord(**im))
-        refs = []
-        for r in records("refs"):
-            for k in ("ref_id", "image_id", "text", "split"):
-                text(r.get(k), f"ref {k}")
-            box = r.get("box")
-            if box is not None:
-                if not isinstance(box, list) or len(box) != 4:
-                    raise TypeError(f"ref {r['ref_id']}: box is not a list of 4 numbers")
-                box = tuple(number(v, "box value") for v in box)
-            refs.append(RefRecord(**{**r, "box": box}))
+        images = [_image_record(im) for im in doc["images"]]
+        refs = [_ref_record(r) for r in doc["refs"]]
         source, errors = doc.get("source", {}), doc.get("errors", [])
         if not isinstance(source, dict) or not isinstance(errors, list):
             raise TypeError("'source' is not an object or 'errors' is not a list")
-        return cls(text(doc["name"], "name"), root, images, refs, source, errors)
+        return cls(_text(doc["name"], "name"), _image_root(doc, path), images, refs, source, errors)
+
+
+# ---- dataset.json, streamed ----------------------------------------------------------------------------
+#: How :meth:`CanonicalDataset.save` lays out ``dataset.json``: still one JSON document with keys in
+#: canonical (sorted) order, but every image and every sentence on its own line, so readers can stream it::
+#:
+#:     {"errors":[...],"fingerprint":"...","format_version":1,"image_root":"images",
+#:     "images":[
+#:     {...first image...}
+#:     ,{...next image...}
+#:     ],
+#:     "name":"synthetic",
+#:     "refs":[
+#:     {...first sentence...}
+#:     ,{...}
+#:     ],
+#:     "source":{...}}
+LINE_LAYOUT = "one record per line (see CanonicalDataset.save)"
+
+
+class _NotLineLayout(Exception):
+    """``dataset.json`` is not laid out as :data:`LINE_LAYOUT` says (older or hand-made): read it whole."""
+
+
+class _RefsNotLoaded(list):
+    """``refs`` of a dataset loaded with ``refs=False``: any read raises a :class:`DataError` saying so."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def _refuse(self, *_: Any) -> Any:
+        raise DataError(f"dataset {self.name} was loaded without its sentences "
+                        f"(CanonicalDataset.load(..., refs=False)); load it with refs=True to read them")
+
+    __iter__ = __len__ = __getitem__ = __contains__ = __reversed__ = _refuse  # type: ignore[assignment]
+
+
+def _write_records(f: Any, key: str, records: Iterable[Any]) -> None:
+    f.write(f'"{key}":[\n')
+    for i, rec in enumerate(records):
+        f.write(("," if i else "") + canonical_json(_fields_of(rec)) + "\n")
+    f.write("],\n")
+
+
+def read_records(path: str | os.PathLike[str], *, line_layout_only: bool = False,
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]], Iterator[dict[str, Any]]]:
+    """``(head, images, refs)`` of a ``dataset.json`` as stored (plain dicts, not validated): ``head`` holds
+    the top-level members but the two lists (``source`` is added once ``refs`` is exhausted when the file
+    is streamed), ``images`` is a list, ``refs`` an iterator read line by line for a file in
+    :data:`LINE_LAYOUT` (memory independent of the number of sentences), else from the whole document
+    (``line_layout_only=True``: raise :class:`_NotLineLayout` instead). Raises :class:`DataError` for a
+    file that is not a grounding dataset or is newer than this code."""
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8", newline="\n")
+        with f:
+            first = f.readline()
+            if first.startswith("{") and first.endswith(",\n") and f.readline() == '"images":[\n':
+                head = json.loads(first[:-2] + "}")
+                _check_version(head, path)
+                images = []
+                while (line := f.readline()) != "],\n":  # readline, not iteration: f.tell() below
+                    if not line:
+                        raise _NotLineLayout
+                    images.append(json.loads(line[1:] if line.startswith(",") else line))
+                name_line = f.readline()
+                if not name_line.endswith(",\n") or f.readline() != '"refs":[\n':
+                    raise _NotLineLayout
+                head.update(json.loads("{" + name_line[:-2] + "}"))
+                body_at = f.tell()
+                return head, images, _stream_refs(path, body_at, head)
+        if line_layout_only:
+            raise _NotLineLayout
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); "
+                        f"prepare it again") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    _check_version(doc, path)
+    images, refs = doc.pop("images", None), doc.pop("refs", None)
+    for key, items in (("images", images), ("refs", refs)):
+        if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+            raise DataError(f"{path}: malformed prepared dataset ({key!r} is not a list of objects)")
+    return doc, images, iter(refs)  # type: ignore[arg-type]
+
+
+def _stream_refs(path: Path, offset: int, head: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The sentence records of a :data:`LINE_LAYOUT` file from ``offset``; sets ``head["source"]`` at the end."""
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            f.seek(offset)
+            for line in f:
+                if line == "],\n":
+                    break
+                yield json.loads(line[1:] if line.startswith(",") else line)
+            else:
+                raise DataError(f"{path}: truncated prepared dataset (no end of 'refs'); prepare it again")
+            last = f.readline()
+            if not last.startswith('"source":') or f.read(1):
+                raise DataError(f"{path}: malformed prepared dataset (unexpected content after 'refs')")
+            head.update(json.loads("{" + last))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); "
+                        f"prepare it again") from None
+
+
+def _check_version(doc: dict[str, Any], path: Path) -> None:
+    version = doc.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DataError(f"{path}: no integer format_version; not a grounding prepared dataset")
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"{path}: dataset format version {version!r} is newer than this grounding "
+            f"(supports <= {FORMAT_VERSION}); upgrade grounding"
+        )
+    if version < 1:
+        raise DataError(f"{path}: unknown dataset format version {version!r} (supported: 1..{FORMAT_VERSION})")
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def _number(value: Any, what: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} is {type(value).__name__}, not a number")
+    return value
+
+
+def _image_root(doc: dict[str, Any], path: Path) -> Path:
+    root = Path(_text(doc["image_root"], "image_root"))
+    return root if root.is_absolute() else path.parent / root
+
+
+def _image_record(im: Any) -> ImageRecord:
+    """An :class:`ImageRecord` from its stored dict (TypeError/ValueError on a bad one)."""
+    if not isinstance(im, dict):
+        raise TypeError("image record is not an object")
+    for k in ("image_id", "path", "sha256", "orientation"):
+        _text(im.get(k), f"image {k}")
+    for k in ("width", "height"):
+        if isinstance(im.get(k), bool) or not isinstance(im.get(k), int):
+            raise TypeError(f"image {k} is not an integer")
+    return ImageRecord(**im)
+
+
+def _ref_record(r: Any) -> RefRecord:
+    """A :class:`RefRecord` from its stored dict (TypeError/ValueError on a bad one)."""
+    if not isinstance(r, dict):
+        raise TypeError("ref record is not an object")
+    for k in ("ref_id", "image_id", "text", "split"):
+        _text(r.get(k), f"ref {k}")
+    box = r.get("box")
+    if box is not None:
+        if not isinstance(box, list) or len(box) != 4:
+            raise TypeError(f"ref {r['ref_id']}: box is not a list of 4 numbers")
+        box = tuple(_number(v, "box value") for v in box)
+    return RefRecord(**{**r, "box": box})
+
+
+def _fingerprint_of(images: Iterable[ImageRecord], refs: Iterable[RefRecord]) -> str:
+    """sha256 over the canonical JSON of images then refs, each already in id order."""
+    h = hashlib.sha256()
+    h.update(f"grounding-dataset-v{FORMAT_VERSION}\n".encode())
+    for im in images:
+        h.update(canonical_json(_fields_of(im)).encode() + b"\n")
+    h.update(b"--refs--\n")
+    for r in refs:
+        h.update(canonical_json(_fields_of(r)).encode() + b"\n")
+    return h.hexdigest()
 
 
 def _fields_of(record: Any) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def bootstrap(params: Params, teacher: str) -> Path:
     if params.dataset.format != "synthetic":
         raise ConfigError(f"teachers.{teacher}.weights is required for dataset format {params.dataset.format!r}: "
                           "tiny teachers are bootstrapped only for the synthetic dataset")
-    ds = CanonicalDataset.load(params.prepared_dir())
+    ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # the key needs only the fingerprint
     key = bootstrap_key(params, teacher, ds)
     train: Callable[[Params, CanonicalDataset, Path, str], dict[str, Any]] = (
         _train_yolo if teacher == "yolo" else _train_torchvision)
@@ -93,7 +93,8 @@ def bootstrap(params: Params, teacher: str) -> Path:
 
     def build(tmp: Path) -> None:
         t0 = time.perf_counter()
-        provenance.update(train(params, ds, tmp, teacher) | {"train_seconds": round(time.perf_counter() - t0, 1)})
+        full = CanonicalDataset.load(params.prepared_dir())
+        provenance.update(train(params, full, tmp, teacher) | {"train_seconds": round(time.perf_counter() - t0, 1)})
         log.info("bootstrap-%s: trained in %.0f s", teacher, provenance["train_seconds"])
 
     return build_once(bootstrap_path(params, teacher), key, build, provenance)

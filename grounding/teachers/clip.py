@@ -427,8 +427,8 @@ def embed_loaded_images(teacher: ClipTeacher, batch: list[Loaded]) -> dict[int, 
 
 
 # ---- stage helpers ----------------------------------------------------------------------------------
-def _dataset(params: Params) -> CanonicalDataset:
-    return CanonicalDataset.load(params.prepared_dir())
+def _dataset(params: Params, *, refs: bool = True) -> CanonicalDataset:
+    return CanonicalDataset.load(params.prepared_dir(), refs=refs)
 
 
 def upstream(params: Params, stage: str) -> ShardSet:
@@ -450,7 +450,7 @@ def _common_extra(params: Params, teacher: ClipTeacher, ds: CanonicalDataset, ou
 # ---- stages --------------------------------------------------------------------------------------------
 def run_clip_image(params: Params) -> Path:
     """``clip-image``: one L2-normalised embedding per image (float16, D)."""
-    return write_clip_image(params, build_teacher(params), _dataset(params))
+    return write_clip_image(params, build_teacher(params), _dataset(params, refs=False))
 
 
 def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset, out: Path | None = None) -> Path:

@@ -211,7 +211,7 @@ def bootstrap_weights(params: Params) -> Path:
     cp = params.teachers.clip
     bp = cp.bootstrap
     spec = model_spec(cp)
-    ds = CanonicalDataset.load(params.prepared_dir())
+    ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # the key needs only the fingerprint
     key = digest({"stage": "bootstrap-clip", "code": code_version(BOOTSTRAP_MODULES), "model": spec.name,
                   "model_config": spec.model_cfg, "preprocess": spec.preprocess, "bootstrap": bp.model_dump(),
                   "seed": params.seed, "dataset": ds.fingerprint(), "open_clip": open_clip.__version__,
@@ -230,7 +230,7 @@ def bootstrap_weights(params: Params) -> Path:
     def train(tmp: Path) -> None:
         seed_everything(params.seed)
         tokenizer = open_clip.get_tokenizer(spec.name)
-        data = training_data(ds, bp.split, spec.preprocess, tokenizer, spec.context_length,
+        data = training_data(CanonicalDataset.load(params.prepared_dir()), bp.split, spec.preprocess, tokenizer, spec.context_length,
                              on_error=params.dataset.on_error)
         model = create_model(spec, precision="fp32", device="cpu")
         log.info("bootstrap-clip: training %s on %d images, %d crops, %d sentences of split %s", spec.name,

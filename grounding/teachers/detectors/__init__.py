@@ -323,7 +323,7 @@ def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = N
     from grounding.runtime import resolve_device
     from grounding.stages import dataset_extra, write_stage
 
-    ds = CanonicalDataset.load(params.prepared_dir())
+    ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # images only: memory flat in sentences
     weights = resolve_weights(params, teacher)
     det = build_detector(teacher, params, weights, device=resolve_device(params.device))
     out = out_dir or params.teacher_dir(det.stage)

@@ -148,7 +148,7 @@ def scale(sizes: list[int], stages: list[str], min_size: int, max_size: int, wor
             run["prepare"]["images_mb"] = round(sum(p.stat().st_size for p in (ds_dir / "images").iterdir()) / 2**20)
             for stage in stages:
                 print(f"== {n} images: {stage}", flush=True)
-                r = run_measured([*grounding, "run", stage, "--params", str(pf), *sets])
+                r = run_measured([*grounding, "run", stage, "--no-deps", "--params", str(pf), *sets])
                 r.update(shard_stats(work / "teachers" / stage / f"scale{n}"))
                 r["images_per_s"] = round(n / r["seconds"], 1)
                 run[stage] = r

@@ -82,6 +82,9 @@ class YoloBootstrapParams(BootstrapParams):
     epochs: int = Field(40, ge=1)  # 10 left the stride-32 features and recall poor (val recall 0.34 vs 0.96)
     batch_size: int = Field(16, ge=1)
     input_size: int | None = Field(416, ge=32)
+    # training labels: the shape class, or colour x shape ("red circle": 80 classes), an attribute-aware
+    # detector whose stride-32 features must keep the colour most synthetic sentences name
+    labels: Literal["shape", "colour-shape"] = "shape"
 
 
 def _check_input_size(v: int) -> int:

@@ -121,21 +121,28 @@ def write_stage(
     return out
 
 
-def dataset_item_hashes(images: Sequence[Mapping[str, Any]], refs: Iterable[Mapping[str, Any]], level: str,
+def dataset_item_hashes(images: Iterable[Mapping[str, Any]], refs: Iterable[Mapping[str, Any]], level: str,
                         item_keys: Sequence[str]) -> list[str] | None:
     """Content hash of each item from the dataset's records (as stored in ``dataset.json``): for
     image-level items the image record (incl. the sha256 of the file's bytes) and its sentences; for
     sentence-level items the sentence record and its image's record. ``refs`` is read once, in stored
     (``ref_id``) order, and not kept: memory grows with the images, not the sentences. ``None`` when the
     items are not the dataset's images (or sentences) of that level."""
+    return _hashes_of_items(dict(map(_image_digest, images)), refs, level, item_keys)
+
+
+def _image_digest(image: Mapping[str, Any]) -> tuple[str, str]:
+    """``(image_id, sha256 of the record's canonical JSON)``."""
+    return image["image_id"], hashlib.sha256(canonical_json(image).encode("utf-8")).hexdigest()
+
+
+def _hashes_of_items(image_digests: Mapping[str, str], refs: Iterable[Mapping[str, Any]], level: str,
+                     item_keys: Sequence[str]) -> list[str] | None:
     def h(*parts: str) -> str:
         return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
-    if level not in ("image", "sentence"):
-        return None
-    image_json = {im["image_id"]: canonical_json(im) for im in images}
     if level == "image":
-        if not all(k in image_json for k in item_keys):
+        if not all(k in image_digests for k in item_keys):
             return None
         per_image: dict[str, Any] = {}  # image_id -> running sha256 of its sentences
         for r in refs:
@@ -144,12 +151,14 @@ def dataset_item_hashes(images: Sequence[Mapping[str, Any]], refs: Iterable[Mapp
                 acc = per_image[r["image_id"]] = hashlib.sha256()
             acc.update(canonical_json(r).encode("utf-8") + b"\n")
         empty = hashlib.sha256().hexdigest()
-        return [h("image", image_json[k], per_image[k].hexdigest() if k in per_image else empty)
+        return [h("image", image_digests[k], per_image[k].hexdigest() if k in per_image else empty)
                 for k in item_keys]
+    if level != "sentence":
+        return None
     wanted, found = set(item_keys), {}
     for r in refs:
         if r["ref_id"] in wanted:
-            found[r["ref_id"]] = h("sentence", canonical_json(r), image_json.get(r["image_id"], ""))
+            found[r["ref_id"]] = h("sentence", canonical_json(r), image_digests.get(r["image_id"], ""))
     if len(found) != len(wanted):
         return None
     return [found[k] for k in item_keys]
@@ -168,10 +177,10 @@ def _item_hashes(params: Params, how: Mapping[str, str] | Callable[[str], str] |
         if "dataset" not in inputs or level not in ("image", "sentence"):
             return None
         try:
-            head, images, refs = read_records(params.prepared_dir() / DATASET_FILE)
+            head, images, refs = read_records(params.prepared_dir() / DATASET_FILE, image_fn=_image_digest)
             if head.get("fingerprint") != inputs["dataset"]:
                 return None
-            return dataset_item_hashes(images, refs, level, item_keys)
+            return _hashes_of_items(dict(images), refs, level, item_keys)
         except (OSError, ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
             log.debug("no item hashes (prepared dataset unreadable: %s)", e)
             return None
@@ -189,7 +198,7 @@ def dataset_extra(params: Params, ds: CanonicalDataset, out: Path) -> dict[str, 
 def _run_prepare(params: Params) -> Path:
     from grounding.data.prepare import prepare
 
-    prepare(params)
+    prepare(params, refs=False)
     return params.prepared_dir()
 
 

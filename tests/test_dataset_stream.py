@@ -97,3 +97,13 @@ def test_images_only_memory_does_not_hold_the_sentences(tmp_path: Path) -> None:
 
     whole, lean = peak(True), peak(False)
     assert lean < whole / 10, (lean, whole)
+
+
+def test_read_source_reads_the_last_line_or_the_whole_file(tmp_path: Path) -> None:
+    from grounding.data.schema import read_source
+
+    _dataset(tmp_path).save(tmp_path / "p")
+    f = tmp_path / "p" / "dataset.json"
+    assert read_source(f) == {"format": "toy", "n": 6}
+    f.write_text(json.dumps(json.loads(f.read_text(encoding="utf-8"))), encoding="utf-8")
+    assert read_source(f) == {"format": "toy", "n": 6}

@@ -408,3 +408,33 @@ def test_mmdet_fcos_level_conversion() -> None:
     np.testing.assert_allclose(out["boxes"][2], [70, 0, 96, 56])  # (y=0, x=2) clipped to the 96 canvas
     np.testing.assert_allclose(out["class_logits"][i], cls[:, 1, 1])
     assert out["centerness"].tolist() == ctr.flatten().tolist()
+
+
+def test_colour_shape_labels_come_from_the_generator(world) -> None:
+    """The attribute-aware YOLO bootstrap relabels each GT box with its object's colour and shape: 80 classes,
+    the shape part always the original class, the colour the generator drew (checked against the pixels)."""
+    from grounding.data.synthetic import COLOUR_NAMES, COLOUR_RGB
+    from grounding.teachers.bootstrap import colour_shape_samples, detector_classes, train_samples
+
+    _, params = world
+    ds = CanonicalDataset.load(params.prepared_dir())
+    shape_classes = detector_classes(ds)
+    samples = train_samples(ds, shape_classes)
+    classes, relabelled = colour_shape_samples(ds, samples)
+    assert len(classes) == len(CLASSES) * len(COLOUR_NAMES) == len(set(classes))
+    assert [s[0] for s in relabelled] == [s[0] for s in samples]
+    seen = set()
+    for (image_id, boxes, shapes), (_, boxes2, labels) in zip(samples, relabelled):
+        assert np.array_equal(boxes, boxes2)
+        img = np.asarray(load_rgb(ds.image_root, ds.image_index[image_id])).astype(float)
+        for b, shape, lab in zip(boxes.astype(int), shapes, labels):
+            colour, name = classes[lab].split(" ")
+            assert name == shape_classes[shape]
+            x1, y1, x2, y2 = b
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2  # every synthetic shape covers its box centre
+            if name not in ("ring", "cross", "star", "heart"):
+                pixel = img[cy, cx]
+                nearest = min(COLOUR_NAMES, key=lambda c: np.abs(np.array(COLOUR_RGB[c]) - pixel).sum())
+                assert nearest == colour, (image_id, classes[lab], pixel)
+            seen.add(colour)
+    assert len(seen) >= 3

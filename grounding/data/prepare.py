@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from grounding.config import ConfigError, Params
-from grounding.data.schema import DATASET_FILE, CanonicalDataset
+from grounding.data.schema import DATASET_FILE, CanonicalDataset, DataError, read_source
 from grounding.shards.keys import code_version, digest
 
 log = logging.getLogger(__name__)
@@ -24,10 +23,12 @@ def synthetic_config(params: Params):
         raise ConfigError(f"dataset.synthetic: {e}") from None
 
 
-def prepare(params: Params, out_dir: str | Path | None = None) -> CanonicalDataset:
+def prepare(params: Params, out_dir: str | Path | None = None, *, refs: bool = True) -> CanonicalDataset:
     """Build the canonical dataset named in ``params.dataset`` and save it under ``out_dir``
     (default ``data/prepared/<name>``). The synthetic dataset is regenerated only when its config or
-    generator code changed; real formats are always re-read (DVC reruns this stage when files change)."""
+    generator code changed; real formats are always re-read (DVC reruns this stage when files change).
+    ``refs=False``: an up-to-date synthetic dataset is checked without holding its sentences (what the
+    stage run does, so ``grounding run clip-image`` at 100k images stays lean)."""
     ds_params = params.dataset
     out = Path(out_dir) if out_dir is not None else params.prepared_dir()
     if ds_params.format == "synthetic":
@@ -40,7 +41,7 @@ def prepare(params: Params, out_dir: str | Path | None = None) -> CanonicalDatas
         existing = _existing_key(out)
         if existing == key:
             log.info("synthetic dataset %s is up to date (key %s)", out, key[:12])
-            return CanonicalDataset.load(out)
+            return CanonicalDataset.load(out, refs=refs)
         ds = synthetic.generate(cfg, out, progress=params.progress)
         ds.name = ds_params.name
         ds.source = {**ds.source, "prepare_key": key}
@@ -61,7 +62,6 @@ def _existing_key(out: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("source", {}).get("prepare_key")
-    except (OSError, json.JSONDecodeError):
+        return read_source(path).get("prepare_key")
+    except (OSError, DataError):
         return None

@@ -23,7 +23,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -207,9 +207,13 @@ class CanonicalDataset:
     @classmethod
     def _load_images(cls, path: Path) -> "CanonicalDataset":
         """:meth:`load` with ``refs=False`` on a file in :data:`LINE_LAYOUT` (else :class:`_NotLineLayout`)."""
-        head, raw_images, raw_refs = read_records(path, line_layout_only=True)
         try:
-            images = [_image_record(im) for im in raw_images]
+            head, images, raw_refs = read_records(path, line_layout_only=True, image_fn=_image_record)
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
+        try:
             ids = [im.image_id for im in images]
             if any(a >= b for a, b in zip(ids, ids[1:])):
                 raise _NotLineLayout  # unsorted or duplicated: the full reader says which
@@ -305,13 +309,15 @@ def _write_records(f: Any, key: str, records: Iterable[Any]) -> None:
 
 
 def read_records(path: str | os.PathLike[str], *, line_layout_only: bool = False,
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]], Iterator[dict[str, Any]]]:
+                 image_fn: Callable[[dict[str, Any]], Any] = lambda raw: raw,
+                 ) -> tuple[dict[str, Any], list[Any], Iterator[dict[str, Any]]]:
     """``(head, images, refs)`` of a ``dataset.json`` as stored (plain dicts, not validated): ``head`` holds
     the top-level members but the two lists (``source`` is added once ``refs`` is exhausted when the file
-    is streamed), ``images`` is a list, ``refs`` an iterator read line by line for a file in
-    :data:`LINE_LAYOUT` (memory independent of the number of sentences), else from the whole document
-    (``line_layout_only=True``: raise :class:`_NotLineLayout` instead). Raises :class:`DataError` for a
-    file that is not a grounding dataset or is newer than this code."""
+    is streamed), ``images`` the list of ``image_fn(raw image dict)`` (made as each is read, so the raw
+    dicts need not all be held), ``refs`` an iterator read line by line for a file in :data:`LINE_LAYOUT`
+    (memory independent of the number of sentences), else from the whole document (``line_layout_only=True``:
+    raise :class:`_NotLineLayout` instead). Raises :class:`DataError` for a file that is not a grounding
+    dataset or is newer than this code."""
     path = Path(path)
     try:
         f = open(path, encoding="utf-8", newline="\n")
@@ -324,7 +330,7 @@ def read_records(path: str | os.PathLike[str], *, line_layout_only: bool = False
                 while (line := f.readline()) != "],\n":  # readline, not iteration: f.tell() below
                     if not line:
                         raise _NotLineLayout
-                    images.append(json.loads(line[1:] if line.startswith(",") else line))
+                    images.append(image_fn(json.loads(line[1:] if line.startswith(",") else line)))
                 name_line = f.readline()
                 if not name_line.endswith(",\n") or f.readline() != '"refs":[\n':
                     raise _NotLineLayout
@@ -345,7 +351,29 @@ def read_records(path: str | os.PathLike[str], *, line_layout_only: bool = False
     for key, items in (("images", images), ("refs", refs)):
         if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
             raise DataError(f"{path}: malformed prepared dataset ({key!r} is not a list of objects)")
-    return doc, images, iter(refs)  # type: ignore[arg-type]
+    return doc, [image_fn(im) for im in images], iter(refs)  # type: ignore[union-attr,arg-type]
+
+
+def read_source(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``source`` member of a ``dataset.json`` (provenance, e.g. the synthetic prepare key) without
+    reading the records: the last line of a :data:`LINE_LAYOUT` file, else the whole document."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - (1 << 16)))
+        tail = f.read().decode("utf-8", errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+    try:
+        if tail.startswith('"source":{'):
+            source = json.loads("{" + tail)["source"]
+        else:
+            head, _, refs = read_records(path)
+            for _ in refs:  # a streamed file sets head["source"] once its sentences are read
+                pass
+            source = head.get("source", {})
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not a readable prepared dataset ({e})") from None
+    if not isinstance(source, dict):
+        raise DataError(f"{path}: 'source' is not an object")
+    return source
 
 
 def _stream_refs(path: Path, offset: int, head: dict[str, Any]) -> Iterator[dict[str, Any]]:

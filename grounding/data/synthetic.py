@@ -295,6 +295,13 @@ def image_id_of(index: int) -> str:
     return f"syn{index:06d}"
 
 
+def index_of(image_id: str) -> int:
+    """Inverse of :func:`image_id_of` (``ValueError`` for an id the generator does not make)."""
+    if not (image_id.startswith("syn") and image_id[3:].isdigit()):
+        raise ValueError(f"{image_id!r} is not a synthetic image id (syn + digits)")
+    return int(image_id[3:])
+
+
 # ---- randomness ----------------------------------------------------------------------------------------
 
 _GOLDEN = 0.6180339887498949

@@ -52,6 +52,25 @@ def detector_classes(ds: CanonicalDataset) -> list[str]:
     return list(CLASSES)
 
 
+def colour_shape_samples(ds: CanonicalDataset, samples: list[tuple[str, np.ndarray, np.ndarray]],
+                         ) -> tuple[list[str], list[tuple[str, np.ndarray, np.ndarray]]]:
+    """Relabel shape-class samples as ``"<colour> <shape>"`` classes (colour-major within each shape), the
+    colour read back from the synthetic generator (image ``i`` is regenerated from its own seed and its
+    objects matched to the GT boxes exactly). Only for the synthetic dataset."""
+    from grounding.data import synthetic as S
+
+    cfg = S.SyntheticConfig(**ds.source["config"])
+    classes = [f"{c} {s}" for s in S.CLASSES for c in S.COLOUR_NAMES]
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for image_id, boxes, _ in samples:
+        colour_of = {tuple(np.float32(o.box).tolist()): f"{o.colour} {o.cls}"
+                     for o in S.synthesize_image(cfg, S.index_of(image_id)).objects}
+        labels = [index[colour_of[tuple(b)]] for b in boxes.tolist()]
+        out.append((image_id, boxes, np.asarray(labels, dtype=np.int64)))
+    return classes, out
+
+
 def train_samples(ds: CanonicalDataset, classes: list[str], split: str = "train"
                   ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(image_id, boxes (K, 4) float32 xyxy original pixels, labels (K,) int64 into classes)`` for the
@@ -166,8 +185,9 @@ def _build_torchvision(teacher: str, arch: str, n_classes: int, size: int) -> to
 
 
 # ---- ultralytics (YOLOv3) ----------------------------------------------------------------------------------
-def _write_yolo_dataset(ds: CanonicalDataset, classes: list[str], root: Path) -> Path:
-    """The train split in ultralytics' layout (images/ symlinks, labels/ ``cls cx cy w h`` normalised);
+def _write_yolo_dataset(ds: CanonicalDataset, classes: list[str], samples: list[tuple[str, np.ndarray, np.ndarray]],
+                        root: Path) -> Path:
+    """``samples`` in ultralytics' layout (images/ symlinks, labels/ ``cls cx cy w h`` normalised);
     returns the data yaml (val = train: validation is switched off)."""
     import yaml
 
@@ -175,7 +195,7 @@ def _write_yolo_dataset(ds: CanonicalDataset, classes: list[str], root: Path) ->
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     index = ds.image_index
-    for image_id, boxes, lab in train_samples(ds, classes):
+    for image_id, boxes, lab in samples:
         rec = index[image_id]
         src = (ds.image_root / rec.path).resolve()
         dst = images / f"{image_id}{src.suffix}"
@@ -205,13 +225,16 @@ def _train_yolo(params: Params, ds: CanonicalDataset, out: Path, teacher: str = 
     cfg = params.teachers.yolo
     boot = cfg.bootstrap
     classes = detector_classes(ds)
+    samples = train_samples(ds, classes)
+    if boot.labels == "colour-shape":
+        classes, samples = colour_shape_samples(ds, samples)
     seed_everything(params.seed)
     work = Path(tempfile.mkdtemp(prefix="yolo-", dir=out.parent))
     try:
         offline_ultralytics(work / "config")
         from ultralytics import YOLO
 
-        data = _write_yolo_dataset(ds, classes, work / "data")
+        data = _write_yolo_dataset(ds, classes, samples, work / "data")
         model_yaml = work / "model.yaml"
         arch = model_config(cfg.config, len(classes), cfg.depth_multiple, cfg.width_multiple)
         model_yaml.write_text(yaml.safe_dump(arch))
@@ -233,7 +256,8 @@ def _train_yolo(params: Params, ds: CanonicalDataset, out: Path, teacher: str = 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple,
-            "input_size": boot.input_size or cfg.input_size, "epochs": boot.epochs}
+            "input_size": boot.input_size or cfg.input_size, "epochs": boot.epochs, "labels": boot.labels,
+            "classes": len(classes)}
 
 
 # ---- stage run functions ----------------------------------------------------------------------------------

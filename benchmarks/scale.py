@@ -135,7 +135,10 @@ def scale(sizes: list[int], stages: list[str], min_size: int, max_size: int, wor
     grounding = [sys.executable, "-m", "grounding.cli"]
     weights = _random_weights(work / "weights")
     sets = [x for o in overrides or [] for x in ("--set", o)]
-    res: dict[str, Any] = {"sizes": sizes, "image_side_px": [min_size, max_size], "device": device,
+    from grounding.runtime import resolve_device
+
+    res: dict[str, Any] = {"sizes": sizes, "image_side_px": [min_size, max_size],
+                           "device": resolve_device(device).type,
                            "overrides": overrides or [], "torch_threads": torch.get_num_threads(),
                            "weights": "random tiny (grounding-tiny-clip, yolov3 x0.33/x0.125)", "runs": {}}
     try:

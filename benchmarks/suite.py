@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "orchestration_overhead": ([], "nothing (builds a temporary project)"),
     "incremental": ([], "nothing (temporary dataset)"),
     "kill_resume": (["--json", "benchmarks/out/kill_resume.json"], "nothing (temporary dataset)"),
+    "scale": (["--sizes", "10000", "100000", "--set", "teachers.yolo.input_size=224"],
+              "nothing (generates 10k and 100k images, ~1.4 GB, deleted after; ~45 min on 2 cores)"),
 }
 
 
@@ -85,6 +87,19 @@ def rows_orchestration_overhead(d: dict) -> list[tuple[str, str, str]]:
              f"{d['cached_flow_s']:.1f} s / {d['first_run_s']:.0f} s = {d['ratio_cached_flow_vs_first']:.4f}", "cpu")]
 
 
+def rows_scale(d: dict) -> list[tuple[str, str, str]]:
+    lo, hi = str(min(d["sizes"])), str(max(d["sizes"]))
+    out = []
+    for stage, ratio in d["peak_rss_ratio"].items():
+        a, b = d["runs"][lo][stage], d["runs"][hi][stage]
+        out.append((f"scale: `{stage}` peak RSS {hi} ÷ {lo} images ({b['peak_rss_mb']:.0f} / {a['peak_rss_mb']:.0f} MB)",
+                    _r(ratio), d.get("device", "cpu")))
+        out.append((f"  … {stage} at {hi} images: images/s last ÷ first tenth of the shards ({b['images_per_s']:.0f} img/s, "
+                    f"{b['shards']} shards, {b['total_mb']:.0f} MB)", _r(b["throughput_last_over_first_tenth"], 2),
+                    d.get("device", "cpu")))
+    return out
+
+
 def _generic(d: dict, name: str) -> list[tuple[str, str, str]]:
     """Benchmarks that name their own headline figures in ``summary``: ``{label: value}``."""
     dev = d.get("device", d.get("meta", {}).get("device", "cpu"))
@@ -99,6 +114,7 @@ EXTRACT: dict[str, Callable[[dict], list[tuple[str, str, str]]]] = {
     "incremental": rows_incremental,
     "kill_resume": rows_kill_resume,
     "orchestration_overhead": rows_orchestration_overhead,
+    "scale": rows_scale,
 }
 
 

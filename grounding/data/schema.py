@@ -21,6 +21,7 @@ import json
 import math
 import os
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -191,29 +192,19 @@ class CanonicalDataset:
                 return cls._load_images(path)
             except _NotLineLayout:  # an older or hand-made file: read it whole, keep the images
                 pass
-        head, images, ref_iter = read_records(path)
-        refs_read = list(ref_iter)  # sets head["source"] when streamed
-        try:
+        with _reading(path):
+            head, images, ref_iter = read_records(path)
+            refs_read = list(ref_iter)  # sets head["source"] when streamed
             ds = cls._from_doc({**head, "images": images, "refs": refs_read}, path)
             fingerprint = ds.fingerprint()
-        except DataError as e:
-            raise DataError(f"{path}: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
-        if fingerprint != head.get("fingerprint"):
-            raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
+        _check_fingerprint(path, head, fingerprint)
         return ds if refs else ds._images_only(fingerprint)
 
     @classmethod
     def _load_images(cls, path: Path) -> "CanonicalDataset":
         """:meth:`load` with ``refs=False`` on a file in :data:`LINE_LAYOUT` (else :class:`_NotLineLayout`)."""
-        try:
+        with _reading(path):
             head, images, raw_refs = read_records(path, line_layout_only=True, image_fn=_image_record)
-        except DataError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
-        try:
             ids = [im.image_id for im in images]
             if any(a >= b for a, b in zip(ids, ids[1:])):
                 raise _NotLineLayout  # unsorted or duplicated: the full reader says which
@@ -237,12 +228,7 @@ class CanonicalDataset:
             ds = cls.__new__(cls)
             ds.name, ds.image_root = _text(head["name"], "name"), _image_root(head, path)
             ds.images, ds.refs, ds.source, ds.errors = images, [], source, errors
-        except DataError as e:
-            raise DataError(f"{path}: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
-        if fingerprint != head.get("fingerprint"):
-            raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
+        _check_fingerprint(path, head, fingerprint)
         return ds._images_only(fingerprint)
 
     def _images_only(self, fingerprint: str) -> "CanonicalDataset":
@@ -299,6 +285,22 @@ class _RefsNotLoaded(list):
                         f"(CanonicalDataset.load(..., refs=False)); load it with refs=True to read them")
 
     __iter__ = __len__ = __getitem__ = __contains__ = __reversed__ = _refuse  # type: ignore[assignment]
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what a damaged ``dataset.json`` raises into a :class:`DataError` naming the file."""
+    try:
+        yield
+    except DataError as e:
+        raise (e if str(e).startswith(str(path)) else DataError(f"{path}: {e}")) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
+
+
+def _check_fingerprint(path: Path, head: dict[str, Any], fingerprint: str) -> None:
+    if fingerprint != head.get("fingerprint"):
+        raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
 
 
 def _write_records(f: Any, key: str, records: Iterable[Any]) -> None:

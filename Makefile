@@ -48,7 +48,8 @@ clean:
 
 # Optional mmdet backend for teachers.frcnn/fcos (backend: mmdet). Not part of `make test`: mmcv 2.1.0 (the
 # newest mmdet 3.3.0 accepts) has no wheel for torch 2.14; its sdist needs pkg_resources (setuptools<70),
-# --no-build-isolation, and -std=c++20 instead of the c++14/17 its setup.py forces. ~35 min on 2 cores.
+# --no-build-isolation, wheel, and -std=c++20 instead of the c++14/17 its setup.py forces. Built here (CPU
+# ops) in ~35-60 min on 2 cores; then `pytest tests/test_mmdet.py` checks the backend against mmdet itself.
 .PHONY: mmdet
 mmdet: $(STAMP)
 	rm -rf .cache/mmcv-build && mkdir -p .cache/mmcv-build

@@ -16,8 +16,9 @@ pure and tested without mmdet (tests/test_detectors.py):
   0), and in eval mode ``bbox_pred`` is already ltrb in pixels (``norm_on_bbox`` multiplies by the stride).
 
 The model wiring below (``init_detector`` on a config shipped in mmdet, local weights, piecewise
-forward) follows mmdet 3.3.0's source but has not been run on this machine: mmcv's ops were not built
-here (about 35 minutes on 2 cores; see the note in README/``make mmdet``).
+forward, the config's own data preprocessing) is checked against mmdet's own inference in
+tests/test_mmdet.py where ``make mmdet`` has been run (it built here: mmcv 2.1.0 with ops on torch 2.14.1,
+CPU only; those tests skip elsewhere).
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ from grounding.teachers.detectors.fcos import P5_STRIDE, FCOSDetector
 from grounding.teachers.detectors.torchvision_rcnn import FasterRCNNDetector, select_detections
 
 MMDET_HELP = "mmdet backend needs mmdet+mmcv with ops; see README for `make mmdet`"
-#: mmdet's data preprocessor statistics of its COCO configs (RGB, 0..255).
-MMDET_MEAN = (123.675, 116.28, 103.53)
-MMDET_STD = (58.395, 57.12, 57.375)
 
 
 def mmdet_available() -> bool:
@@ -113,6 +111,21 @@ def fcos_level_points(cls_score: torch.Tensor, bbox_pred: torch.Tensor, centerne
             "class_logits": cls_score.reshape(c, -1).T}
 
 
+def preprocess_like_mmdet(canvases: torch.Tensor, data_preprocessor: Any) -> torch.Tensor:
+    """RGB canvases ``(B, 3, H, W)`` in [0, 1] -> the normalised input of an mmdet model, as its
+    ``DetDataPreprocessor`` makes it from the BGR uint8 images mmdet's loader gives: channels reversed to
+    BGR, flipped back when the config converts (``bgr_to_rgb``), then ``(x - mean) / std`` with the config's
+    statistics (pytorch-style configs: RGB mean/std; caffe-style ones: BGR mean, std 1)."""
+    x = canvases.flip(1) * 255.0  # as loaded by mmdet: BGR, 0..255
+    if getattr(data_preprocessor, "_channel_conversion", False):
+        x = x.flip(1)
+    if getattr(data_preprocessor, "_enable_normalize", True):
+        mean = data_preprocessor.mean.to(x.device).view(1, -1, 1, 1)
+        std = data_preprocessor.std.to(x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
 def mmdet_state_dict(path: Path) -> Checkpoint:
     """An mmdet/mmengine checkpoint (``{"meta", "state_dict"}``) or a plain state dict, loaded with
     ``weights_only=True``; class names from ``meta.dataset_meta.classes`` when present."""
@@ -162,9 +175,8 @@ class _MMDetMixin:
         return model
 
     def _normalise(self, canvases: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(MMDET_MEAN, device=canvases.device).view(1, 3, 1, 1)
-        std = torch.tensor(MMDET_STD, device=canvases.device).view(1, 3, 1, 1)
-        return (canvases * 255.0 - mean) / std
+        """RGB canvases in [0, 1] -> what the config's data preprocessor feeds the backbone."""
+        return preprocess_like_mmdet(canvases, self.model.data_preprocessor)
 
     def _samples(self, n: int) -> list:
         from mmdet.structures import DetDataSample

@@ -222,33 +222,24 @@ class CanonicalDataset:
                     yield r
 
             fingerprint = _fingerprint_of(images, checked_refs())
-            source, errors = head.get("source", {}), head.get("errors", [])
-            if not isinstance(source, dict) or not isinstance(errors, list):
-                raise TypeError("'source' is not an object or 'errors' is not a list")
-            ds = cls.__new__(cls)
-            ds.name, ds.image_root = _text(head["name"], "name"), _image_root(head, path)
-            ds.images, ds.refs, ds.source, ds.errors = images, [], source, errors
+            name, root, source, errors = _meta(head, path)
+            ds = cls.__new__(cls)  # not __init__: it would sort and check refs it must not hold
+            ds.name, ds.image_root, ds.images, ds.source, ds.errors = name, root, images, source, errors
         _check_fingerprint(path, head, fingerprint)
         return ds._images_only(fingerprint)
 
     def _images_only(self, fingerprint: str) -> "CanonicalDataset":
         """This dataset without its sentences, remembering the (checked) fingerprint of the whole."""
-        self.refs = _RefsNotLoaded(self.name)
+        self.refs = _RefsNotLoaded(self.name)  # type: ignore[assignment]
         self._fingerprint = fingerprint
         return self
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any], path: Path) -> "CanonicalDataset":
         """The dataset of a parsed ``dataset.json``; raises KeyError/TypeError/ValueError on bad structure."""
-        for key in ("images", "refs"):
-            if not isinstance(doc[key], list) or not all(isinstance(it, dict) for it in doc[key]):
-                raise TypeError(f"{key!r} is not a list of objects")
-        images = [_image_record(im) for im in doc["images"]]
-        refs = [_ref_record(r) for r in doc["refs"]]
-        source, errors = doc.get("source", {}), doc.get("errors", [])
-        if not isinstance(source, dict) or not isinstance(errors, list):
-            raise TypeError("'source' is not an object or 'errors' is not a list")
-        return cls(_text(doc["name"], "name"), _image_root(doc, path), images, refs, source, errors)
+        name, root, source, errors = _meta(doc, path)
+        return cls(name, root, [_image_record(im) for im in doc["images"]], [_ref_record(r) for r in doc["refs"]],
+                   source, errors)
 
 
 # ---- dataset.json, streamed ----------------------------------------------------------------------------
@@ -298,6 +289,23 @@ def _reading(path: Path) -> Iterator[None]:
         raise DataError(f"{path}: malformed prepared dataset ({type(e).__name__}: {e})") from None
 
 
+def _meta(doc: dict[str, Any], path: Path) -> tuple[str, Path, dict[str, Any], list[Any]]:
+    """``(name, image_root, source, errors)`` of a parsed ``dataset.json`` head (TypeError on bad types)."""
+    source, errors = doc.get("source", {}), doc.get("errors", [])
+    if not isinstance(source, dict) or not isinstance(errors, list):
+        raise TypeError("'source' is not an object or 'errors' is not a list")
+    return _text(doc["name"], "name"), _image_root(doc, path), source, errors
+
+
+def _unreadable(path: Path, e: Exception) -> DataError:
+    return DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); prepare it again")
+
+
+def _record(line: str) -> Any:
+    """One record line of :data:`LINE_LAYOUT` (every record but the first starts with the comma)."""
+    return json.loads(line[1:] if line.startswith(",") else line)
+
+
 def _check_fingerprint(path: Path, head: dict[str, Any], fingerprint: str) -> None:
     if fingerprint != head.get("fingerprint"):
         raise DataError(f"{path}: fingerprint mismatch (file edited or corrupted)")
@@ -332,7 +340,7 @@ def read_records(path: str | os.PathLike[str], *, line_layout_only: bool = False
                 while (line := f.readline()) != "],\n":  # readline, not iteration: f.tell() below
                     if not line:
                         raise _NotLineLayout
-                    images.append(image_fn(json.loads(line[1:] if line.startswith(",") else line)))
+                    images.append(image_fn(_record(line)))
                 name_line = f.readline()
                 if not name_line.endswith(",\n") or f.readline() != '"refs":[\n':
                     raise _NotLineLayout
@@ -344,8 +352,7 @@ def read_records(path: str | os.PathLike[str], *, line_layout_only: bool = False
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); "
-                        f"prepare it again") from None
+        raise _unreadable(path, e) from None
     if not isinstance(doc, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     _check_version(doc, path)
@@ -372,7 +379,7 @@ def read_source(path: str | os.PathLike[str]) -> dict[str, Any]:
                 pass
             source = head.get("source", {})
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not a readable prepared dataset ({e})") from None
+        raise _unreadable(path, e) from None
     if not isinstance(source, dict):
         raise DataError(f"{path}: 'source' is not an object")
     return source
@@ -386,7 +393,7 @@ def _stream_refs(path: Path, offset: int, head: dict[str, Any]) -> Iterator[dict
             for line in f:
                 if line == "],\n":
                     break
-                yield json.loads(line[1:] if line.startswith(",") else line)
+                yield _record(line)
             else:
                 raise DataError(f"{path}: truncated prepared dataset (no end of 'refs'); prepare it again")
             last = f.readline()
@@ -394,8 +401,7 @@ def _stream_refs(path: Path, offset: int, head: dict[str, Any]) -> Iterator[dict
                 raise DataError(f"{path}: malformed prepared dataset (unexpected content after 'refs')")
             head.update(json.loads("{" + last))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__}: {e}); "
-                        f"prepare it again") from None
+        raise _unreadable(path, e) from None
 
 
 def _check_version(doc: dict[str, Any], path: Path) -> None:

@@ -230,8 +230,8 @@ def bootstrap_weights(params: Params) -> Path:
     def train(tmp: Path) -> None:
         seed_everything(params.seed)
         tokenizer = open_clip.get_tokenizer(spec.name)
-        data = training_data(CanonicalDataset.load(params.prepared_dir()), bp.split, spec.preprocess, tokenizer, spec.context_length,
-                             on_error=params.dataset.on_error)
+        data = training_data(CanonicalDataset.load(params.prepared_dir()), bp.split, spec.preprocess, tokenizer,
+                             spec.context_length, on_error=params.dataset.on_error)
         model = create_model(spec, precision="fp32", device="cpu")
         log.info("bootstrap-clip: training %s on %d images, %d crops, %d sentences of split %s", spec.name,
                  len(data.images), len(data.crops), len(data.tokens), bp.split)

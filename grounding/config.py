@@ -297,7 +297,8 @@ class TrunkParams(_Section):
     """The TransVG-style REC trunk shared by the REC students (grounding/students/rec.py) and its training.
 
     Backbone: torchvision ResNet of ``depth`` (10 = one block per stage; 18/34/50 as torchvision), from a
-    local state-dict file ``backbone_weights`` or random init (nothing is downloaded). Text: ``transformer``
+    local state-dict file ``backbone_weights`` or random init (nothing is downloaded), cut at
+    ``visual_stride`` (32: after ``layer4`` as TransVG; 16: after ``layer3``). Text: ``transformer``
     or ``gru`` over open_clip's BPE token ids, or ``bert`` from a local ``bert_path`` (needs
     ``transformers``). Images are letterboxed into ``input_size`` squares (mean padding). A step takes
     ``batch_images`` images with all their training sentences; AdamW (``lr_backbone`` for the ResNet,
@@ -308,6 +309,7 @@ class TrunkParams(_Section):
     input_size: int = Field(640, ge=32)
     depth: Literal[10, 18, 34, 50] = 18
     width: float = Field(1.0, gt=0, le=1)  # multiplier on the ResNet stage widths (1: torchvision's)
+    visual_stride: Literal[16, 32] = 32  # 32: up to layer4 (TransVG); 16: up to layer3 (a 2x finer token grid)
     backbone_weights: str | None = None
     text_encoder: Literal["transformer", "gru", "bert"] = "transformer"
     bert_path: str | None = None

@@ -221,3 +221,19 @@ def test_rec_students_never_import_teachers() -> None:
         mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in mods if m.startswith("grounding.teachers")], name
+
+
+@pytest.mark.parametrize("stride", [16, 32])
+def test_visual_stride_sets_the_token_grid(stride: int) -> None:
+    from grounding.students import rec as R
+
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, fusion_layers=1, heads=2, max_len=8,
+                      visual_stride=stride)
+    model = R.RecStudent(cfg).eval()
+    ids = torch.tensor([[1, 5, 2, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 128, 96), torch.tensor([0]), ids, ids == 0)
+    assert out["grid"] == (128 // stride, 96 // stride)
+    assert out["fused_visual"].shape == (1, (128 // stride) * (96 // stride), 16)
+    with pytest.raises(ValueError, match="stride"):
+        R.build_backbone(10, None, 0.25, stride=8)

@@ -45,6 +45,7 @@ class RecConfig:
     heads: int = 8
     dropout: float = 0.1
     backbone_weights: str | None = None
+    visual_stride: int = 32
 
     @classmethod
     def from_params(cls, tp: Any) -> "RecConfig":
@@ -103,16 +104,20 @@ class _SlimResNet:
         return Slim(block, blocks)
 
 
-def build_backbone(depth: int, weights: str | None = None, width: float = 1.0) -> tuple[nn.Module, int]:
-    """torchvision ResNet up to ``layer4`` (stride 32) and its output channels; depth 10 = [1, 1, 1, 1]
-    BasicBlocks; ``width`` scales the stage widths (1: torchvision's ResNet). ``weights``: a local
-    state-dict file of the matching torchvision ResNet (fc keys ignored; width must be 1)."""
+def build_backbone(depth: int, weights: str | None = None, width: float = 1.0,
+                   stride: int = 32) -> tuple[nn.Module, int]:
+    """torchvision ResNet up to ``layer4`` (``stride`` 32) or ``layer3`` (16) and its output channels;
+    depth 10 = [1, 1, 1, 1] BasicBlocks; ``width`` scales the stage widths (1: torchvision's ResNet).
+    ``weights``: a local state-dict file of the matching torchvision ResNet (fc keys ignored; width must
+    be 1; ``layer4`` keys unused at stride 16)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     layers = {10: (BasicBlock, [1, 1, 1, 1]), 18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
               50: (Bottleneck, [3, 4, 6, 3])}
     if depth not in layers:
         raise ValueError(f"backbone depth {depth} not in {sorted(layers)}")
+    if stride not in (16, 32):
+        raise ValueError(f"backbone stride must be 16 or 32, got {stride}")
     block, blocks = layers[depth]
     net = _SlimResNet.build(block, blocks, width)
     if weights:
@@ -124,12 +129,13 @@ def build_backbone(depth: int, weights: str | None = None, width: float = 1.0) -
         bad = [k for k in missing if not k.startswith("fc.")]
         if bad or unexpected:
             raise ValueError(f"{weights}: not a ResNet-{depth} state dict (missing {bad[:3]}, unexpected {unexpected[:3]})")
-    body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    return body, _out_channels(net)
+    stages = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if stride == 32 else [])
+    body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
+    return body, _out_channels(stages[-1])
 
 
-def _out_channels(net: nn.Module) -> int:
-    last = net.layer4[-1]
+def _out_channels(layer: nn.Module) -> int:
+    last = layer[-1]
     return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
@@ -187,7 +193,7 @@ class RecStudent(nn.Module):
     def __init__(self, cfg: RecConfig) -> None:
         super().__init__()
         self.cfg, d = cfg, cfg.d_model
-        self.backbone, c = build_backbone(cfg.depth, cfg.backbone_weights, cfg.width)
+        self.backbone, c = build_backbone(cfg.depth, cfg.backbone_weights, cfg.width, cfg.visual_stride)
         self.visual_proj = nn.Conv2d(c, d, 1)
         self.text = TextEncoder(cfg)
         self.reg = nn.Parameter(torch.zeros(1, 1, d))

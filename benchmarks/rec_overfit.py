@@ -14,19 +14,20 @@ import time
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from grounding import config
+from grounding.boxes import paired_iou
 from grounding.data.schema import CanonicalDataset
 from grounding.students import common as C
 from grounding.students import rec as R
 
 
-def _scores(model: torch.nn.Module, ds: CanonicalDataset, refs: list, size: int, tok: R.Tokenizer) -> dict:
-    pred = R.predict_boxes(model, R.RecBatches(ds, refs, C.Canvases(ds, size), tok))
+def _scores(model: torch.nn.Module, data: R.RecBatches) -> dict:
+    pred = R.predict_boxes(model, data)
+    refs = data.refs
     p = np.stack([pred[r.ref_id] for r in refs]).astype(np.float32)
     g = np.stack([r.box for r in refs]).astype(np.float32)
-    iou = box_iou(torch.from_numpy(p), torch.from_numpy(g)).diagonal().numpy()
+    iou = paired_iou(p, g)
     pc, gc = (p[:, :2] + p[:, 2:]) / 2, (g[:, :2] + g[:, 2:]) / 2
     corr = [float(np.corrcoef(pc[:, k], gc[:, k])[0, 1]) for k in (0, 1)]
     return {"acc50": round(float(np.mean(iou >= 0.5)), 3), "miou": round(float(iou.mean()), 3),
@@ -48,10 +49,12 @@ def main() -> None:
     t0 = time.time()
     model, ema, curve, tok = R.train_rec_pseudo(ds, refs, gt, p.students.rec, 0)
     val = [r for r in C.split_refs(ds, "val") if r.box is not None]
+    canvases = C.Canvases(ds, size)
+    on_train, on_val = R.RecBatches(ds, refs, canvases, tok), R.RecBatches(ds, val, canvases, tok)
     print(f"size {size} epochs {epochs} images {len(ims)} refs {len(refs)} ({time.time() - t0:.0f} s); "
           f"last epoch {curve[-1] if curve else None}")
     for name, m in (("raw", model), ("ema", ema)):
-        print(f"{name}: train {_scores(m, ds, refs, size, tok)} val {_scores(m, ds, val, size, tok)}", flush=True)
+        print(f"{name}: train {_scores(m, on_train)} val {_scores(m, on_val)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,40 @@ def test_data_prepare_real_format(tmp_path: Path) -> None:
                     "--option", "dataset=refcoco", "--set", f"paths.prepared={tmp_path}/prepared")
     assert code == 0, out
     assert (tmp_path / "prepared" / "mini" / "dataset.json").exists() and "prepared mini" in out
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's CLI-block command that starts with ``prefix`` (line continuations joined), as argv."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith(prefix):
+            return shlex.split(line)
+    raise AssertionError(f"README has no command starting with {prefix!r}")
+
+
+def test_readme_refcoco_prepare_as_written(tmp_path: Path) -> None:
+    """The README's refcoco example, run as written on the refer-layout fixture placed where it points."""
+    from fixtures import formats
+
+    argv = _readme_command("grounding data prepare --format refcoco")
+    paths = formats.make_refcoco(tmp_path / "fixture")
+    where = {"data/raw/refer": str(paths["root"]), "data/raw/train2014": str(paths["image_root"])}
+    argv = [where.get(a, a) for a in argv[1:]]
+    assert set(where.values()) <= set(argv), f"README paths changed: {argv}"
+    code, out = cli(*argv, "--params", str(ROOT / "params.yaml"), "--set", f"paths.prepared={tmp_path}/prepared")
+    assert code == 0, out
+    name = argv[argv.index("--name") + 1]
+    assert (tmp_path / "prepared" / name / "dataset.json").exists()
+
+
+def test_prepare_refuses_other_dataset_option(tmp_path: Path) -> None:
+    from fixtures import formats
+
+    paths = formats.make_refcoco(tmp_path / "fixture")
+    code, out = cli("data", "prepare", "--params", str(ROOT / "params.yaml"), "--format", "refcoco",
+                    "--root", str(paths["root"]), "--image-root", str(paths["image_root"]), "--name", "x",
+                    "--option", "dataset=refcocog", "--set", f"paths.prepared={tmp_path}/prepared")
+    assert code != 0 and "--format refcocog" in out and "Traceback" not in out

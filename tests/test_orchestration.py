@@ -61,6 +61,10 @@ def env_with_venv(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+#: Files a run writes into the checkout that are not project source; never copied into a test project.
+RUN_STATE = frozenset({"dvc.lock"})
+
+
 def copy_project(repo: Path, overrides: list[str]) -> Path:
     """The checkout's files (tracked and untracked, not ignored) copied to ``repo``, params overridden, and
     committed to a fresh git repository (``dvc exp run`` needs a commit)."""
@@ -69,6 +73,8 @@ def copy_project(repo: Path, overrides: list[str]) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
+        if f in RUN_STATE:
+            continue  # the user's own repro state (e.g. after `make demo`): the copy starts from none
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)

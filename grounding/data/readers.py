@@ -109,14 +109,24 @@ def file_provenance(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 # ---- dispatcher -----------------------------------------------------------------------------------------
+def _format_names_dataset(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without ``dataset``: the refer formats name their dataset themselves, so a ``dataset``
+    option may only repeat it (``--format refcoco --option dataset=refcoco``); another value is an error."""
+    given = options.pop("dataset", fmt)
+    if given != fmt:
+        raise DataError(f"--format {fmt} reads the {fmt} dataset, but --option dataset={given} names another: "
+                        f"use --format {given} (or drop --option dataset)")
+    return options
+
+
 def _refcoco(root: Any, image_root: Any, *, split_by: str = "unc", **options: Any) -> CanonicalDataset:
     from grounding.data.refcoco import read_refer
-    return read_refer(root, "refcoco", split_by, image_root, **options)
+    return read_refer(root, "refcoco", split_by, image_root, **_format_names_dataset("refcoco", options))
 
 
 def _refcoco_plus(root: Any, image_root: Any, *, split_by: str = "unc", **options: Any) -> CanonicalDataset:
     from grounding.data.refcoco import read_refer
-    return read_refer(root, "refcoco+", split_by, image_root, **options)
+    return read_refer(root, "refcoco+", split_by, image_root, **_format_names_dataset("refcoco+", options))
 
 
 def _refcocog(root: Any, image_root: Any, *, split_by: str | None = None, **options: Any) -> CanonicalDataset:
@@ -124,7 +134,7 @@ def _refcocog(root: Any, image_root: Any, *, split_by: str | None = None, **opti
     if split_by is None:
         raise DataError("refcocog has two different splits: pass split_by='umd' (refs(umd).p, train/val/test) "
                         "or split_by='google' (refs(google).p, train/val)")
-    return read_refer(root, "refcocog", split_by, image_root, **options)
+    return read_refer(root, "refcocog", split_by, image_root, **_format_names_dataset("refcocog", options))
 
 
 def _referit(root: Any, image_root: Any, **options: Any) -> CanonicalDataset:

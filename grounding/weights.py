@@ -67,7 +67,8 @@ def refusal_error(path: str | os.PathLike[str]) -> WeightsError:
 
 
 def _refusal(path: Path, globals_: list[str]) -> WeightsError:
-    what = f" (it pickles {', '.join(globals_[:4])}{', ...' if len(globals_) > 4 else ''})" if globals_ else ""
+    libs = sorted({g.split(".")[0] for g in globals_}, key=lambda m: (m in _GENERIC_MODULES, m))  # library first
+    what = f" (it pickles {len(globals_)} classes/functions from {', '.join(libs)})" if globals_ else ""
     return WeightsError(
         f"{path}: torch.load(weights_only=True) refused this file: unpickling it needs classes{what}, and stages "
         f"never run code from a weights file. Convert it once with `grounding weights import {path} -o "
@@ -323,7 +324,7 @@ def import_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, 
     fmt = save_state_dict(state, dst)
     try:
         back = load_state_dict_file(dst)
-        if list(back) != list(state) or any(back[k].shape != state[k].shape for k in state):
+        if back.keys() != state.keys() or any(back[k].shape != state[k].shape for k in state):
             raise WeightsError(f"{dst}: the written file does not read back as the extracted state dict")
         record = {
             "format": SIDECAR_FORMAT,

@@ -321,7 +321,7 @@ def export_pseudo_cmd(
 def weights_import(
     src: str = typer.Argument(..., help="a checkpoint that stages refuse (ultralytics .pt, torch.save(model), ...)"),
     out: str = typer.Option(..., "--out", "-o", help="weights-only output (.safetensors: safetensors; else torch)"),
-    trust: bool = typer.Option(False, "--trust", help="unpickle SRC (this runs code from it): only for files you trust"),
+    trust: bool = typer.Option(False, "--trust", help="unpickle SRC (runs code from it): only for files you trust"),
     force: bool = typer.Option(False, "--force", help="overwrite OUT and OUT.json"),
 ) -> None:
     """Unpickle SRC (only with --trust), write its state dict weights-only to OUT and its provenance to

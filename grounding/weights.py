@@ -99,7 +99,8 @@ def load_weights_file(path: str | os.PathLike[str]) -> Any:
 
             return load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - any failure is a bad file
-            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file "
+                               f"({type(e).__name__}: {_first_line(e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - weights_only loading runs no code; any failure is a bad file

@@ -115,7 +115,8 @@ def test_stage_refuses_ultralytics_pt_and_accepts_the_import(ultralytics_pt, tmp
     assert det.classes == CLASSES
     got = det.model.state_dict()
     # stored in half precision by ultralytics: the import is the half weights, as float
-    assert all(torch.equal(got[k].float(), reference[k].half().float()) for k in reference if reference[k].is_floating_point())
+    floats = [k for k in reference if reference[k].is_floating_point()]
+    assert floats and all(torch.equal(got[k].float(), reference[k].half().float()) for k in floats)
     x = torch.rand(1, 3, 128, 128)
     assert det.forward(x)[0]["boxes"].shape[1] == 4
 
@@ -179,7 +180,8 @@ def test_pickled_extras_in_a_state_dict_wrapper_and_safetensors_output(tmp_path:
         load_state_dict_file(src)
     dst = tmp_path / "ckpt.safetensors"
     rec = import_weights(src, dst, trust=True)
-    assert rec["extracted_from"] == "state_dict" and rec["classes"] == ["a", "b"] and rec["weights"]["format"] == "safetensors"
+    assert rec["extracted_from"] == "state_dict" and rec["classes"] == ["a", "b"]
+    assert rec["weights"]["format"] == "safetensors" and dst.read_bytes()[8:9] == b"{"  # a safetensors header
     assert same_state(load_state_dict_file(dst), net.state_dict())
 
 
@@ -222,22 +224,38 @@ def test_missing_source_and_same_path(tmp_path: Path) -> None:
 
 # ---- other stages' loaders ------------------------------------------------------------------------------------
 def test_student_backbone_refuses_a_pickled_resnet_and_accepts_the_import(tmp_path: Path) -> None:
+    from torchvision.models.resnet import BasicBlock, ResNet
+
     from grounding.students.rec import build_backbone
 
     torch.manual_seed(0)
-    body, _ = build_backbone(10, None, 1.0)
-    net = body  # nn.Sequential(conv1, bn1, relu, maxpool, layer1..4): keys "0.weight", ...
-    from torchvision.models.resnet import BasicBlock, ResNet
-
-    resnet = ResNet(BasicBlock, [1, 1, 1, 1])
+    resnet = ResNet(BasicBlock, [1, 1, 1, 1])  # the student's depth-10 ResNet at width 1
     src = tmp_path / "resnet10.pt"
     torch.save(resnet, src)
-    with pytest.raises(WeightsError, match="grounding weights import"):
+    with pytest.raises(WeightsError, match=r"resnet10\.pt: .*grounding weights import"):
         build_backbone(10, str(src), 1.0)
     dst = tmp_path / "resnet10.weights.pt"
     import_weights(src, dst, trust=True)
     body, c = build_backbone(10, str(dst), 1.0)
-    assert c == 512 and torch.equal(body[0].weight, resnet.conv1.weight) and net is not body
+    assert c == 512 and torch.equal(body[0].weight, resnet.conv1.weight)
+    assert torch.equal(body[4][0].conv1.weight, resnet.layer1[0].conv1.weight)
+
+
+def test_mmdet_checkpoint_with_pickled_extras_keeps_its_class_names(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from grounding.teachers.detectors.mmdet import mmdet_state_dict
+
+    net = tiny_net()
+    src = tmp_path / "mmdet.pth"  # mmengine-style: meta with classes, plus a pickled runtime object
+    torch.save({"meta": {"dataset_meta": {"classes": ("cat", "dog")}}, "state_dict": net.state_dict(),
+                "message_hub": SimpleNamespace(step=3)}, src)
+    with pytest.raises(WeightsError, match=r"mmdet\.pth: .*types.*grounding weights import"):
+        mmdet_state_dict(src)
+    dst = tmp_path / "mmdet.weights.pt"
+    import_weights(src, dst, trust=True)
+    ckpt = mmdet_state_dict(dst)
+    assert same_state(ckpt.state_dict, net.state_dict()) and ckpt.meta["classes"] == ["cat", "dog"]
 
 
 def test_clip_loader_refuses_a_pickled_model_and_accepts_the_import(tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ def files_in(d: Path) -> set[str]:
 # ---- ultralytics -----------------------------------------------------------------------------------------------
 def yolo_doc(root: Path, weights: Path | None = None) -> dict:
     return {"device": "cpu", "progress": False, "seed": 0,
+            "dataset": {"synthetic": {"n_images": 4, "min_size": 64, "max_size": 160}},
             "paths": {k: str(root / k) for k in ("prepared", "teachers", "students", "metrics", "models")},
-            "teachers": {"yolo": {"input_size": 128, "batch_size": 2, "num_workers": 0,
+            "teachers": {"yolo": {"backend": "ultralytics", "input_size": 128, "batch_size": 2, "num_workers": 0,
                                   "weights": str(weights) if weights else None}}}
 
 
@@ -119,6 +120,23 @@ def test_stage_refuses_ultralytics_pt_and_accepts_the_import(ultralytics_pt, tmp
     assert floats and all(torch.equal(got[k].float(), reference[k].half().float()) for k in floats)
     x = torch.rand(1, 3, 128, 128)
     assert det.forward(x)[0]["boxes"].shape[1] == 4
+
+
+def test_yolo_anchors_stage_runs_on_the_imported_file(ultralytics_pt, tmp_path: Path) -> None:
+    from grounding import stages
+    from grounding.shards import ShardSet
+    from grounding.shards.keys import file_sha256
+
+    src, _, _ = ultralytics_pt
+    dst = tmp_path / "yolo.weights.pt"
+    import_weights(src, dst, trust=True)
+    p = C.from_dict(yolo_doc(tmp_path, src))
+    stages.run("prepare", p)
+    with pytest.raises(WeightsError, match="grounding weights import"):
+        stages.run("yolo-anchors", p)
+    out = ShardSet(stages.run("yolo-anchors", C.from_dict(yolo_doc(tmp_path, dst))))
+    assert len(out) == 4 and out.manifest.extra["classes"] == CLASSES
+    assert out.manifest.teacher["weights_sha256"] == file_sha256(dst)
 
 
 def test_sidecar_of_another_file_is_an_error(ultralytics_pt, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Stages load weights only with ``torch.load(weights_only=True)`` or safetensors (:func:`load_weights_file`,
 :func:`load_state_dict_file`); neither runs code from the file. A file whose unpickling needs classes (an
 ultralytics ``.pt``, a full-model ``torch.save(model)``, ``{"model": module}``, a ``{"state_dict": ...}`` with
-pickled extras such as numpy scalars) is refused with :class:`WeightsError` naming the file and the way out:
+pickled extras such as numpy scalars, a TorchScript archive) is refused with :class:`WeightsError` naming the file and the way out:
 
     grounding weights import SRC -o DST --trust      (only for files you trust)
 
@@ -55,20 +55,25 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 
 def is_pickle_refusal(e: BaseException) -> bool:
-    """Whether ``e`` is ``torch.load(weights_only=True)`` refusing a file whose unpickling needs classes."""
-    return isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or "GLOBAL" in str(e))
+    """Whether ``e`` is ``torch.load(weights_only=True)`` refusing a file whose loading needs classes
+    (pickled classes, or a TorchScript archive)."""
+    return (isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or "GLOBAL" in str(e))) or \
+        (isinstance(e, RuntimeError) and "TorchScript archive" in str(e))
 
 
-def refusal_error(path: str | os.PathLike[str]) -> WeightsError:
-    """The error a stage raises for a pickled weights file: names the file, what it pickles and
-    ``grounding weights import ... --trust``."""
+def refusal_error(path: str | os.PathLike[str], exc: BaseException | None = None) -> WeightsError:
+    """The error a stage raises for a pickled weights file (``exc``: torch's refusal, when known): names
+    the file, what it pickles and ``grounding weights import ... --trust``."""
     path = Path(path)
+    if exc is not None and "TorchScript archive" in str(exc):
+        return _refusal(path, [], " (a TorchScript archive)")
     return _refusal(path, pickled_globals(path) or [])
 
 
-def _refusal(path: Path, globals_: list[str]) -> WeightsError:
+def _refusal(path: Path, globals_: list[str], what: str = "") -> WeightsError:
     libs = sorted({g.split(".")[0] for g in globals_}, key=lambda m: (m in _GENERIC_MODULES, m))  # library first
-    what = f" (it pickles {len(globals_)} classes/functions from {', '.join(libs)})" if globals_ else ""
+    if globals_:
+        what = f" (it pickles {len(globals_)} classes/functions from {', '.join(libs)})"
     return WeightsError(
         f"{path}: torch.load(weights_only=True) refused this file: unpickling it needs classes{what}, and stages "
         f"never run code from a weights file. Convert it once with `grounding weights import {path} -o "
@@ -105,7 +110,7 @@ def load_weights_file(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - weights_only loading runs no code; any failure is a bad file
         if is_pickle_refusal(e):
-            raise refusal_error(path) from None
+            raise refusal_error(path, e) from None
         raise WeightsError(f"{path}: not a readable torch weights file (truncated or not a checkpoint?); "
                            f"torch.load(weights_only=True) failed ({type(e).__name__}: {_first_line(e)})") from None
 

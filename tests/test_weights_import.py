@@ -188,6 +188,22 @@ def test_full_models_are_refused_then_imported_with_provenance(tmp_path: Path, w
     assert cli("weights", "import", str(src), "-o", str(dst), "--trust", "--force").exit_code == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*TorchScript:UserWarning", "ignore:.*torch.jit:FutureWarning")
+@pytest.mark.parametrize("kind", ["legacy-format", "torchscript"])
+def test_legacy_pickles_and_torchscript_are_refused_then_imported(tmp_path: Path, kind: str) -> None:
+    net = tiny_net().eval()
+    src = tmp_path / f"{kind}.pt"
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.script(net), src)
+    else:
+        torch.save(net, src, _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match=rf"{kind}\.pt: torch.load\(weights_only=True\) refused .*grounding weights"):
+        load_state_dict_file(src)
+    dst = tmp_path / "dst.pt"
+    import_weights(src, dst, trust=True)
+    assert same_state(load_state_dict_file(dst), net.state_dict())
+
+
 def test_pickled_extras_in_a_state_dict_wrapper_and_safetensors_output(tmp_path: Path) -> None:
     import numpy as np
 

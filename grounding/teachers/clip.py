@@ -167,7 +167,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad weights file for this model
         if is_pickle_refusal(e):
-            raise ConfigError(f"CLIP weights: {refusal_error(path)}") from None
+            raise ConfigError(f"CLIP weights: {refusal_error(path, e)}") from None
         raise ConfigError(f"CLIP weights file {path} does not fit model "
                           f"({type(e).__name__}: {str(e)[:300]})") from None
 

@@ -34,6 +34,7 @@ from grounding.config import Params
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, ImageRecord
 from grounding.shards import FieldSpec, file_sha256
+from grounding.weights import as_state_dict, load_weights_file, read_sidecar, sidecar_meta
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     dict, ``meta`` (``classes``, ``config``) comes from the provenance sidecar ``<file>.json`` that
     ``grounding weights import`` writes, when there is one. Pickled files (ultralytics ``.pt``, full models)
     are refused with a :class:`~grounding.weights.WeightsError` naming that command."""
-    from grounding.weights import as_state_dict, load_weights_file, read_sidecar, sidecar_meta
-
     path = Path(path)
     obj = load_weights_file(path)
     sha = file_sha256(path)

@@ -23,6 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(shards_app, name="shards")
 export_app = typer.Typer(help="Export pseudo-labels for existing students.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+weights_app = typer.Typer(help="Convert trusted pickled checkpoints into weights-only files.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 _WIDTH = None if sys.stdout.isatty() else 200  # piped output (logs, CI): wide tables, nothing truncated
 console = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
@@ -312,6 +314,31 @@ def export_pseudo_cmd(
         _fail(str(e))
     for f in files:
         console.print(f"wrote {f}")
+
+
+# ---- weights ----------------------------------------------------------------------------------------------
+@weights_app.command("import")
+def weights_import(
+    src: str = typer.Argument(..., help="a checkpoint that stages refuse (ultralytics .pt, torch.save(model), ...)"),
+    out: str = typer.Option(..., "--out", "-o", help="weights-only output (.safetensors: safetensors; else torch)"),
+    trust: bool = typer.Option(False, "--trust", help="unpickle SRC (runs code from it): only for files you trust"),
+    force: bool = typer.Option(False, "--force", help="overwrite OUT and OUT.json"),
+) -> None:
+    """Unpickle SRC (only with --trust), write its state dict weights-only to OUT and its provenance to
+    OUT.json (source sha256, library and version, class names, model config); stages accept OUT."""
+    from grounding.weights import WeightsError, import_weights, sidecar_path
+
+    if not trust:
+        _fail(f"{src}: refusing to unpickle without --trust (loading a pickled checkpoint runs code from it). "
+              f"Re-run `grounding weights import {src} -o {out} --trust` only if you trust the file; nothing "
+              "was written", 2)
+    try:
+        rec = import_weights(src, out, trust=True, force=force)
+    except (WeightsError, OSError) as e:
+        _fail(str(e))
+    lib = rec["library"]
+    console.print(f"wrote {out} ({rec['num_tensors']} tensors from {rec['extracted_from']}, {lib['name']} "
+                  f"{lib['version']}, {len(rec['classes'] or [])} class names) and {sidecar_path(out)}")
 
 
 if __name__ == "__main__":

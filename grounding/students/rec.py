@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from grounding.students import common as C
+from grounding.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
 CLIP_BPE_VOCAB = 49408  # open_clip SimpleTokenizer vocabulary (BPE merges shipped with open_clip)
@@ -109,7 +110,9 @@ def build_backbone(depth: int, weights: str | None = None, width: float = 1.0,
     """torchvision ResNet up to ``layer4`` (``stride`` 32) or ``layer3`` (16) and its output channels;
     depth 10 = [1, 1, 1, 1] BasicBlocks; ``width`` scales the stage widths (1: torchvision's ResNet).
     ``weights``: a local state-dict file of the matching torchvision ResNet (fc keys ignored; width must
-    be 1; ``layer4`` keys unused at stride 16)."""
+    be 1; ``layer4`` keys unused at stride 16), read by :func:`grounding.weights.load_state_dict_file`
+    (``weights_only=True`` or safetensors; a state dict wrapped as ``{"state_dict": ...}`` or
+    ``{"model": ...}`` is unwrapped; pickled files are refused)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     layers = {10: (BasicBlock, [1, 1, 1, 1]), 18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
@@ -123,7 +126,7 @@ def build_backbone(depth: int, weights: str | None = None, width: float = 1.0,
     if weights:
         if width != 1.0:
             raise ValueError(f"backbone_weights {weights} need width 1.0 (got {width})")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_state_dict_file(weights)  # weights-only; pickled files refused, naming `weights import`
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith("fc.")]

@@ -154,8 +154,11 @@ def create_model(spec: ModelSpec, *, precision: str = "fp32", device: str | torc
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a local weights file into ``model`` (strict; ``torch.load(weights_only=True)`` or safetensors;
-    open_clip's converters for OpenAI/third-party layouts)."""
+    open_clip's converters for OpenAI/third-party layouts). A pickled file (a full model) is refused with
+    the error of :func:`grounding.weights.refusal_error` (it names ``grounding weights import``)."""
     import open_clip
+
+    from grounding.weights import is_pickle_refusal, refusal_error
 
     path = Path(path)
     if not path.is_file():
@@ -163,6 +166,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad weights file for this model
+        if is_pickle_refusal(e):
+            raise ConfigError(f"CLIP weights: {refusal_error(path, e)}") from None
         raise ConfigError(f"CLIP weights file {path} does not fit model "
                           f"({type(e).__name__}: {str(e)[:300]})") from None
 

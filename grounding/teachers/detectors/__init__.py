@@ -34,6 +34,7 @@ from grounding.config import Params
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, ImageRecord
 from grounding.shards import FieldSpec, file_sha256
+from grounding.weights import as_state_dict, load_weights_file, read_sidecar, sidecar_meta
 
 log = logging.getLogger(__name__)
 
@@ -120,26 +121,20 @@ def save_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor], **meta: 
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a local weights file safely (``torch.load(weights_only=True)``): either a plain state dict or
-    the ``{"format": grounding-detector-v1, ..., "state_dict"}`` files the bootstrap writes."""
+    """Load a local weights file safely (:func:`grounding.weights.load_weights_file`:
+    ``torch.load(weights_only=True)`` or safetensors): a plain state dict (or one wrapped as
+    ``{"state_dict": {...}}`` / ``{"model": {...}}``, e.g. torchvision reference-script checkpoints), or the
+    ``{"format": grounding-detector-v1, ..., "state_dict"}`` files the bootstrap writes. For a plain state
+    dict, ``meta`` (``classes``, ``config``) comes from the provenance sidecar ``<file>.json`` that
+    ``grounding weights import`` writes, when there is one. Pickled files (ultralytics ``.pt``, full models)
+    are refused with a :class:`~grounding.weights.WeightsError` naming that command."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist (weights are local files, never downloaded)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the reason and the way out
-        raise ValueError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:200]}). "
-            "Full pickled checkpoints (e.g. ultralytics .pt) are refused; save the model's state_dict "
-            "from a trusted environment and point the params at that file") from None
+    obj = load_weights_file(path)
+    sha = file_sha256(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         meta = {k: v for k, v in obj.items() if k not in ("state_dict", "format")}
-        return Checkpoint(path, file_sha256(path), dict(obj["state_dict"]), meta)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # torchvision reference-script checkpoints
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
-    return Checkpoint(path, file_sha256(path), dict(obj), {})
+        return Checkpoint(path, sha, dict(obj["state_dict"]), meta)
+    return Checkpoint(path, sha, as_state_dict(obj, path), sidecar_meta(read_sidecar(path, sha)))
 
 
 def resolve_classes(explicit: Sequence[str] | None, ckpt: Checkpoint, n_classes: int,

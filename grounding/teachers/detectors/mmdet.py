@@ -128,8 +128,11 @@ def preprocess_like_mmdet(canvases: torch.Tensor, data_preprocessor: Any) -> tor
 
 def mmdet_state_dict(path: Path) -> Checkpoint:
     """An mmdet/mmengine checkpoint (``{"meta", "state_dict"}``) or a plain state dict, loaded with
-    ``weights_only=True``; class names from ``meta.dataset_meta.classes`` when present."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    ``weights_only=True`` (:func:`grounding.weights.load_weights_file`: pickled files are refused, naming
+    ``grounding weights import``); class names from ``meta.dataset_meta.classes`` when present."""
+    from grounding.weights import load_weights_file
+
+    obj = load_weights_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "format" not in obj:
         meta = obj.get("meta") or {}
         classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")

@@ -113,6 +113,23 @@ def demo(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
         console.print(f"inspect: grounding shards ls data; grounding shards info {last}")
 
 
+@app.command("report")
+def report_cmd(dirs: List[str] = typer.Argument(..., help="directories searched for shard sets and metrics/*.json"),
+               out: str = typer.Option("report", "--out", "-o", help="output directory (an earlier report there is replaced)"),
+               per_page: int = typer.Option(24, help="gallery rows per page"),
+               pages: int = typer.Option(3, help="at most this many gallery pages per shard set"),
+               verify: bool = typer.Option(True, "--verify/--no-verify", help="re-hash every shard (verification column)")) -> None:
+    """Write a static HTML report (opens from disk, no server, no external URL): every shard set with its
+    provenance, score histograms, a gallery of rows worst first and recorded errors; metrics and curves."""
+    from grounding.report import build_report
+
+    try:
+        r = build_report(dirs, out, per_page=per_page, max_pages=pages, verify=verify)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e), 2)
+    console.print(f"report: {r.sets} shard sets, {r.rendered} rows rendered in {r.seconds:.1f} s → {r.index}")
+
+
 # ---- data -----------------------------------------------------------------------------------------
 @data_app.command("prepare")
 def data_prepare(

@@ -2,7 +2,8 @@
 
 Any float field whose rows are ``(4,)`` or ``(K, 4)`` is drawn as xyxy boxes in original pixels; any
 float field whose rows are 2-D ``(h, w)`` is drawn as a heat map upsampled to the image; for sentence
-rows the sentence is the title and its GT box (when the dataset has one) is drawn in green.
+rows the sentence is the title and its GT box (when the dataset has one) is drawn in green; for image
+rows of a teacher the image's GT boxes are drawn in green (labelled inside, teacher labels above).
 """
 
 from __future__ import annotations
@@ -82,8 +83,31 @@ def render_row(shard_dir: str | Path, key: str, out: str | Path, *, dataset: str
                max_boxes: int = 50) -> Path:
     """Draw row ``key`` of the shard set at ``shard_dir`` over its image and save a PNG to ``out``."""
     shards = ShardSet(shard_dir)
+    return render_loaded(shards, dataset_of(shards, dataset), key, out, max_boxes=max_boxes)
+
+
+def render_loaded(shards: ShardSet, ds: CanonicalDataset, key: str, out: str | Path, *, max_boxes: int = 50,
+                  caption: str | None = None) -> Path:
+    """:func:`render_row` on an open shard set and its loaded dataset (many rows: load both once).
+    ``caption`` (e.g. the row's IoU) is appended to the title."""
+    img, title, legend = draw_row(shards, ds, key, max_boxes=max_boxes)
+    return _with_title(img, f"{title} · {caption}" if caption else title, legend, out)
+
+
+def gt_boxes_of_image(ds: CanonicalDataset, image_id: str) -> list[tuple[tuple[float, float, float, float], str]]:
+    """Distinct GT boxes (xyxy, original pixels) of an image with their category ('' when none), sorted."""
+    found: dict[tuple[float, float, float, float], str] = {}
+    for r in ds.refs:
+        if r.image_id == image_id and r.box is not None:
+            found.setdefault(tuple(float(v) for v in r.box), r.category or "")
+    return sorted(found.items())
+
+
+def draw_row(shards: ShardSet, ds: CanonicalDataset, key: str, *, max_boxes: int = 50
+             ) -> tuple[Image.Image, str, list[tuple[str, tuple[int, int, int]]]]:
+    """The row's image with heat maps and labelled boxes drawn, its title and legend ``[(name, rgb)]``.
+    Teacher labels sit on tabs above a box's top-left corner, GT labels inside its bottom-left corner."""
     row = shards.get(key)
-    ds = dataset_of(shards, dataset)
     target = target_of(shards, ds, key)
     img = load_rgb(ds.image_root, ds.image_index[target.image_id])
     for name, spec in shards.fields.items():
@@ -93,6 +117,18 @@ def render_row(shard_dir: str | Path, key: str, out: str | Path, *, dataset: str
     font = ImageFont.load_default()
     classes = list(shards.manifest.extra.get("classes", []))
     legend: list[tuple[str, tuple[int, int, int]]] = []
+    gt = [(target.gt_box, "")] if target.gt_box is not None else []
+    if shards.manifest.level == "image" and shards.manifest.teacher.get("name") != "ground-truth":
+        gt = gt_boxes_of_image(ds, target.image_id)
+    for box, text in gt:  # GT first, so the teacher's boxes stay on top
+        x1, y1, x2, y2 = box
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=GT_COLOUR, width=2)
+        if text:
+            bbox = draw.textbbox((x1 + 3, y2 - 13), text, font=font)
+            draw.rectangle([bbox[0] - 1, bbox[1] - 1, bbox[2] + 1, bbox[3] + 1], fill=GT_COLOUR)
+            draw.text((x1 + 3, y2 - 13), text, fill=(0, 0, 0), font=font)
+    if gt:
+        legend.append(("GT", GT_COLOUR))
     colour_i = 0
     for name, spec in shards.fields.items():
         if spec.np_dtype.kind != "f" or spec.shape != (4,):
@@ -110,11 +146,7 @@ def render_row(shard_dir: str | Path, key: str, out: str | Path, *, dataset: str
                 bbox = draw.textbbox((tx + 2, ty), text, font=font)
                 draw.rectangle([bbox[0] - 2, bbox[1] - 1, bbox[2] + 2, bbox[3] + 1], fill=colour)
                 draw.text((tx + 2, ty), text, fill=(0, 0, 0), font=font)
-    if target.gt_box is not None:
-        x1, y1, x2, y2 = target.gt_box
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=GT_COLOUR, width=2)
-        legend.append(("GT", GT_COLOUR))
-    return _with_title(img, target.title, legend, out)
+    return img, target.title, legend
 
 
 def _with_title(img: Image.Image, title: str, legend: list[tuple[str, tuple[int, int, int]]],
@@ -132,5 +164,6 @@ def _with_title(img: Image.Image, title: str, legend: list[tuple[str, tuple[int,
         x += 24 + 7 * len(name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
+    jpeg = out.suffix.lower() in (".jpg", ".jpeg")  # JPEG encodes ~10x faster than PNG (report galleries)
+    canvas.save(out, format="JPEG" if jpeg else "PNG", **({"quality": 88} if jpeg else {}))
     return out

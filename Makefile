@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-fast bench repro clean students-1k
+.PHONY: install demo test test-fast bench repro clean students-1k browser
 
 install: $(STAMP)
 
@@ -24,16 +24,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m grounding.teachers.wordnet_db install
 	touch $(STAMP)
 
+# Headless Chromium for tests/test_report.py (the report opened in a real browser): Debian's chromium, only
+# when missing (root or sudo, as for WordNet). Where it cannot be installed the test skips and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$GROUNDING_CHROMIUM" ] || { \
+	  S=; [ "$$(id -u)" = 0 ] || S=sudo; I="$$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium"; \
+	  echo "installing headless Chromium for the report test: apt-get install chromium"; \
+	  $$I >/dev/null || { $$S apt-get update -qq && $$I >/dev/null; } || echo "could not install chromium: tests/test_report.py's browser test will skip (run 'sudo apt-get install chromium')" >&2; }
+
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH dvc repro
 	PATH=$(abspath $(VENV))/bin:$$PATH dvc metrics show
 	$(VENV)/bin/grounding demo
 	$(VENV)/bin/grounding shards ls data
+	$(VENV)/bin/grounding report data -o report
+	@echo "report: $(abspath report)/index.html (open it in a browser; it needs no server)"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

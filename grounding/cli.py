@@ -93,17 +93,20 @@ def demo(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
     from grounding import stages
     from grounding.render import render_row
     from grounding.shards import ShardSet
+    from grounding.summary import timed_run
 
     p = _params(params, set_)
-    t = Table("stage", "output", "rows")
+    t = Table("stage", "rows", "seconds", "cache", "headline", "output", title="grounding demo")
     last = None
+    total = 0.0
     for name in stages.PIPELINE:
-        out = stages.run(name, p)
-        rows = "-"
-        if (out / "manifest.json").exists():
-            last = out
-            rows = f"{len(ShardSet(out)):,}"
-        t.add_row(name, str(out), rows)
+        r = timed_run(name, p, stages.run)
+        if r.rows is not None:
+            last = r.out
+        total += r.seconds
+        t.add_row(name, "-" if r.rows is None else f"{r.rows:,}", f"{r.seconds:.1f}",
+                  "[green]cache hit[/green]" if r.status == "cache hit" else "computed", r.metric, str(r.out))
+    t.add_row("total", "", f"{total:.1f}", "", "", "")
     console.print(t)
     if last is not None:
         s = ShardSet(last)

@@ -24,6 +24,7 @@ from PIL import Image
 from grounding.boxes import Letterbox
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.evaluate import accuracy
+from grounding.progress import progress_bar
 from grounding.runtime import torch_threads  # noqa: F401 - re-exported for the student stages
 from grounding.shards import FieldSpec, ShardSet
 
@@ -188,15 +189,16 @@ def fit(model: torch.nn.Module, batches_fn: Callable[[torch.Generator], list[np.
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(tp.lr_drop), gamma=tp.lr_gamma)
     curve: list[dict[str, float]] = []
     epochs: Any = range(tp.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc=desc, unit="epoch")
+    bar = progress_bar(None, desc, unit="row", enabled=progress)  # sentences, rows/s, ETA (total: epoch 1's)
     model.train()
     for epoch in epochs:
         sums: dict[str, float] = {}
         count = 0
-        for batch in batches_fn(generator):
+        batches = batches_fn(generator)
+        if bar.total is None:
+            bar.total = tp.epochs * sum(len(b) for b in batches)
+            bar.refresh()
+        for batch in batches:
             size = tp.input_size
             if tp.random_resize:
                 size = int(tp.random_resize[int(torch.randint(len(tp.random_resize), (1,), generator=generator))])
@@ -209,10 +211,11 @@ def fit(model: torch.nn.Module, batches_fn: Callable[[torch.Generator], list[np.
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch)
             count += len(batch)
+            bar.update(len(batch))
         sched.step()
         curve.append({"epoch": epoch + 1, **{k: round(v / max(count, 1), 6) for k, v in sums.items()}})
-        if progress:
-            epochs.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+        bar.set_postfix(epoch=epoch + 1, loss=f"{curve[-1]['loss']:.4f}")
+    bar.close()
     model.eval()
     return curve
 

@@ -30,6 +30,7 @@ from grounding.config import ConfigError, Params
 from grounding.data.gt import gt_regions
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
+from grounding.progress import progress_bar
 from grounding.runtime import seed_everything
 from grounding.shards.keys import code_version, digest
 
@@ -148,6 +149,7 @@ def _train_torchvision(params: Params, ds: CanonicalDataset, out: Path, teacher:
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     model.train()
     losses: list[float] = []
+    bar = progress_bar(boot.epochs * len(canvases), f"bootstrap-{teacher}", unit="img", enabled=params.progress)
     for _epoch in range(boot.epochs):
         order = torch.randperm(len(canvases), generator=gen).tolist()
         for b in range(steps_per_epoch):
@@ -168,6 +170,9 @@ def _train_torchvision(params: Params, ds: CanonicalDataset, out: Path, teacher:
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     save_checkpoint(out, model.state_dict(), library="torchvision", arch=cfg.arch, classes=classes,
                     input_size=size)
     return {"arch": cfg.arch, "input_size": size, "epochs": boot.epochs, "steps": total,
@@ -239,6 +244,7 @@ def _train_yolo(params: Params, ds: CanonicalDataset, out: Path, teacher: str = 
         arch = model_config(cfg.config, len(classes), cfg.depth_multiple, cfg.width_multiple)
         model_yaml.write_text(yaml.safe_dump(arch))
         model = YOLO(str(model_yaml), task="detect")
+        _yolo_progress(model, boot.epochs * len(samples), params.progress)
         model.train(data=str(data), epochs=boot.epochs, imgsz=boot.input_size or cfg.input_size,
                     batch=boot.batch_size, lr0=boot.lr, optimizer="AdamW", workers=0, device="cpu",
                     seed=params.seed, deterministic=True, plots=False, val=False, amp=False, pretrained=False,
@@ -258,6 +264,24 @@ def _train_yolo(params: Params, ds: CanonicalDataset, out: Path, teacher: str = 
     return {"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple,
             "input_size": boot.input_size or cfg.input_size, "epochs": boot.epochs, "labels": boot.labels,
             "classes": len(classes)}
+
+
+def _yolo_progress(model: Any, total: int, enabled: bool) -> None:
+    """One bar over the whole ultralytics run (images, rows/s, ETA), fed by its batch callbacks."""
+    bar = progress_bar(total, "bootstrap-yolo", unit="img", enabled=enabled)
+    seen = {"epoch": -1, "n": 0}
+
+    def on_batch_end(trainer: Any) -> None:
+        n_epoch = len(trainer.train_loader.dataset)
+        if trainer.epoch != seen["epoch"]:
+            seen.update(epoch=trainer.epoch, n=0)
+            bar.total = trainer.epochs * n_epoch  # the images ultralytics actually loaded
+        step = min(trainer.batch_size, n_epoch - seen["n"])
+        seen["n"] += step
+        bar.update(step)
+
+    model.add_callback("on_train_batch_end", on_batch_end)
+    model.add_callback("on_train_end", lambda trainer: bar.close())
 
 
 # ---- stage run functions ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from grounding.artefacts import build_once
 from grounding.config import ClipBootstrapParams, Params
 from grounding.data.images import ImageError, load_rgb
 from grounding.data.schema import CanonicalDataset, DataError
+from grounding.progress import progress_bar
 from grounding.runtime import torch_threads
 from grounding.shards.keys import code_version, digest
 
@@ -153,8 +154,10 @@ def class_loss(crops: torch.Tensor, prompts: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(logit_scale * crops @ classes.T, labels, ignore_index=-1)
 
 
-def train_tiny_clip(model: torch.nn.Module, data: TrainingData, bp: ClipBootstrapParams, seed: int) -> dict[str, Any]:
-    """Train ``model`` in place (AdamW, one-cycle schedule); returns a log (losses, seconds)."""
+def train_tiny_clip(model: torch.nn.Module, data: TrainingData, bp: ClipBootstrapParams, seed: int, *,
+                    progress: bool = False) -> dict[str, Any]:
+    """Train ``model`` in place (AdamW, one-cycle schedule); returns a log (losses, seconds). ``progress``:
+    a bar over the image-text pairs seen (rows/s, ETA)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=bp.lr,
                             weight_decay=bp.weight_decay)
@@ -163,6 +166,7 @@ def train_tiny_clip(model: torch.nn.Module, data: TrainingData, bp: ClipBootstra
     t0 = time.perf_counter()
     losses: list[float] = []
     has_crops = len(data.crops) > 1
+    bar = progress_bar(None, "bootstrap-clip", unit="pair", enabled=progress)  # image-text pairs
     for step in range(bp.steps):
         pi = pick_distinct(data.ref_image, bp.batch_size, gen)
         pc = pick_distinct(data.ref_crop, bp.batch_size, gen) if has_crops else pi[:0]
@@ -185,9 +189,14 @@ def train_tiny_clip(model: torch.nn.Module, data: TrainingData, bp: ClipBootstra
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100.0))
         losses.append(float(loss.item()))
+        if step == 0:  # pick_distinct may give fewer than batch_size pairs (few distinct images)
+            bar.total = bp.steps * len(pi)
+        bar.update(len(pi))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % 50 == 0 or step == bp.steps - 1:
             log.info("bootstrap-clip step %d/%d loss %.3f (%.0fs)", step + 1, bp.steps, losses[-1],
                      time.perf_counter() - t0)
+    bar.close()
     model.eval()
     tail = losses[-min(20, len(losses)):]
     return {"steps": bp.steps, "first_loss": round(losses[0], 4), "final_loss": round(float(np.mean(tail)), 4),
@@ -235,7 +244,7 @@ def bootstrap_weights(params: Params) -> Path:
         model = create_model(spec, precision="fp32", device="cpu")
         log.info("bootstrap-clip: training %s on %d images, %d crops, %d sentences of split %s", spec.name,
                  len(data.images), len(data.crops), len(data.tokens), bp.split)
-        training = train_tiny_clip(model, data, bp, params.seed)
+        training = train_tiny_clip(model, data, bp, params.seed, progress=params.progress)
         training.update(images=len(data.images), crops=len(data.crops), sentences=len(data.tokens),
                         skipped=list(data.skipped), torch_threads=torch.get_num_threads())
         provenance["training"] = training  # build_once writes the sidecar after build returns

@@ -1,0 +1,124 @@
+"""The end-of-run table of `grounding demo`: per stage its rows, seconds, whether its output was reused
+(cache hit) or computed, and one headline figure read from what the stage wrote."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from grounding.config import Params
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One stage of a run. ``status``: ``"cache hit"`` (nothing under its output changed) or ``"computed"``."""
+
+    stage: str
+    out: Path
+    rows: int | None
+    seconds: float
+    status: str
+    metric: str
+
+
+def newest_mtime(path: Path) -> float:
+    """Latest modification time (s) of ``path`` or of any file below it; ``-inf`` when absent."""
+    if not path.exists():
+        return -math.inf
+    if path.is_file():
+        return path.stat().st_mtime
+    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*") if p.is_file())])
+
+
+def timed_run(name: str, params: Params, run: Callable[[str, Params], Path]) -> StageSummary:
+    """Run stage ``name`` through ``run(name, params)`` and summarise it. A stage counts as computed when
+    any file under its output (or a metrics file it owns) was written during the call."""
+    metrics = Path(params.paths.metrics)
+    before = {p: p.stat().st_mtime_ns for p in metrics.rglob("*.json")} if metrics.is_dir() else {}
+    t0 = time.time()
+    out = Path(run(name, params))
+    seconds = time.time() - t0
+    after = {p: p.stat().st_mtime_ns for p in metrics.rglob("*.json")} if metrics.is_dir() else {}
+    touched = any(before.get(p) != t for p, t in after.items() if _owned(name, p))
+    computed = touched or newest_mtime(out) >= t0 - 1e-3
+    rows = None
+    if (out / "manifest.json").is_file():
+        from grounding.shards import Manifest
+
+        rows = Manifest.load(out).n_rows
+    return StageSummary(name, out, rows, round(seconds, 1), "computed" if computed else "cache hit",
+                        headline(name, params, out))
+
+
+def _owned(stage: str, path: Path) -> bool:
+    stem = path.stem.removesuffix("-curve")
+    return stem == stage or path.parent.name == stage or (stage, stem) in {
+        ("refclip-pseudo", "refclip"), ("clip-eval", "clip"), ("evaluate", "students"), ("refclip-train", "refclip-train")}
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _split(d: dict[str, Any]) -> str | None:
+    """The split a headline reports: val when present, else the first."""
+    return "val" if "val" in d else next(iter(sorted(d)), None)
+
+
+def headline(stage: str, params: Params, out: Path) -> str:
+    """One figure for the stage, from its metrics file or provenance; ``-`` when it has none."""
+    try:
+        return _headline(stage, params, out) or "-"
+    except Exception as e:  # a summary never fails the run it summarises
+        return f"({type(e).__name__})"
+
+
+def _headline(stage: str, params: Params, out: Path) -> str | None:
+    metrics = Path(params.paths.metrics)
+    if stage.startswith("student-"):
+        acc = (_read(metrics / f"{stage}.json") or {}).get("acc50") or {}
+        s = _split(acc)
+        return f"Acc@0.5 {s} {100 * acc[s]:.1f} %" if s else None
+    if stage == "evaluate":
+        docs = (_read(metrics / "students.json") or {}).get("students") or {}
+        vals = {k: v["acc50"]["val"] for k, v in docs.items() if "val" in v.get("acc50", {})}
+        if vals:
+            best = max(vals, key=vals.get)
+            return f"{len(docs)} students, best val {100 * vals[best]:.1f} % ({best})"
+        return f"{len(docs)} students" if docs else None
+    if stage == "refclip-pseudo":
+        doc = (_read(metrics / "refclip.json") or {}).get("refclip") or {}
+        s = _split(doc)
+        return f"pseudo-box Acc@0.5 {s} {100 * doc[s]['acc']:.1f} %" if s else None
+    if stage == "clip-eval":
+        doc = _read(metrics / "clip.json") or {}
+        if "text_to_image_r5" in doc:
+            return f"text→image R@5 {doc['text_to_image_r5']:.3f} (chance {doc['text_to_image_r5_chance']:.3f})"
+        return None
+    if stage == "wordnet-labels":
+        doc = _read(metrics / stage / f"{params.dataset.name}.json") or {}
+        return f"coverage {doc['coverage']:.3f}" if "coverage" in doc else None
+    if stage in ("frcnn-proposals", "fcos-points", "yolo-anchors") and (out / "manifest.json").is_file():
+        from grounding.data.schema import CanonicalDataset
+        from grounding.shards import ShardSet
+        from grounding.teachers.detectors.recall import proposal_recall
+
+        with ShardSet(out) as shards:
+            r = proposal_recall(shards, CanonicalDataset.load(params.prepared_dir()), "val")
+        return f"recall@0.5 val {r['recall']:.3f}" if r["gt_boxes"] else None
+    if stage.startswith("bootstrap-") and out.is_file():
+        from grounding.artefacts import read_provenance
+
+        prov = read_provenance(out)
+        for d in (prov, prov.get("provenance", {}), prov.get("provenance", {}).get("training", {}),
+                  prov.get("training", {})):
+            if isinstance(d, dict) and "final_loss" in d:
+                return f"final loss {d['final_loss']:.3f}"
+    return None

@@ -120,7 +120,7 @@ def demo(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
 def report_cmd(dirs: List[str] = typer.Argument(..., help="directories searched for shard sets and metrics/*.json"),
                out: str = typer.Option("report", "--out", "-o", help="output directory (an earlier report there is replaced)"),
                per_page: int = typer.Option(24, help="gallery rows per page"),
-               pages: int = typer.Option(3, help="at most this many gallery pages per shard set"),
+               pages: int = typer.Option(2, help="at most this many gallery pages per shard set"),
                verify: bool = typer.Option(True, "--verify/--no-verify", help="re-hash every shard (verification column)")) -> None:
     """Write a static HTML report (opens from disk, no server, no external URL): every shard set with its
     provenance, score histograms, a gallery of rows worst first and recorded errors; metrics and curves."""

@@ -118,7 +118,7 @@ def draw_row(shards: ShardSet, ds: CanonicalDataset, key: str, *, max_boxes: int
     classes = list(shards.manifest.extra.get("classes", []))
     legend: list[tuple[str, tuple[int, int, int]]] = []
     gt = [(target.gt_box, "")] if target.gt_box is not None else []
-    if shards.manifest.level == "image" and shards.manifest.teacher.get("name") != "ground-truth":
+    if shards.manifest.level in ("image", "region") and shards.manifest.teacher.get("name") != "ground-truth":
         gt = gt_boxes_of_image(ds, target.image_id)
     for box, text in gt:  # GT first, so the teacher's boxes stay on top
         x1, y1, x2, y2 = box

@@ -216,3 +216,30 @@ def test_report_in_chromium(site: tuple[Path, Path], tmp_path: Path) -> None:
     assert px.std() > 20 and (px.mean(axis=-1) < 250).mean() > 0.2  # mostly not white
     thumbs = px[200:500, 20:340]  # first figure of the first row
     assert thumbs.std(axis=(0, 1)).min() > 5 and len(np.unique(thumbs.reshape(-1, 3), axis=0)) > 100
+
+
+def test_detector_rows_ranked_by_gt_recall(site: tuple[Path, Path]) -> None:
+    from grounding.data.schema import CanonicalDataset
+    from grounding.report.collect import row_quality
+    from grounding.shards import ShardSet
+
+    tmp, _ = site
+    ds = CanonicalDataset.load(tmp / "prepared" / "synthetic")
+    gt: dict[str, set] = {}
+    for r in ds.refs:
+        if r.box is not None:
+            gt.setdefault(r.image_id, set()).add(tuple(r.box))
+    gt_images = {k: np.array(sorted(v), dtype=np.float64) for k, v in gt.items()}
+    ids = sorted(gt_images)[:3]
+    spec = ShardSetSpec(stage="toy-det", stage_key="d" * 64, level="image", teacher={"name": "toy-det"},
+                        fields=(FieldSpec("boxes", "float32", (4,), ragged=True),
+                                FieldSpec("scores", "float32", (), ragged=True)))
+    out = tmp / "toy-det"
+    with ShardWriter(out, spec, ids) as w:
+        for i, k in enumerate(ids):  # all GT boxes, none, half of them
+            b = gt_images[k].astype(np.float32)
+            b = b if i == 0 else b[:0] if i == 1 else b[: max(1, len(b) // 2)]
+            w.add(k, {"boxes": b, "scores": np.ones(len(b), np.float32)})
+    keys, captions = row_quality(ShardSet(out), {}, gt_images)
+    assert keys[0] == ids[1] and keys[-1] == ids[0]
+    assert captions[ids[1]] == "GT recall@0.5 0.00" and captions[ids[0]] == "GT recall@0.5 1.00"

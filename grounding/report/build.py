@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from grounding.report import html as H
 from grounding.report.collect import (MetricsFile, SetInfo, curve_series, find_metrics, find_sets, row_quality,
                                       scalar_items, score_values)
 
 log = logging.getLogger(__name__)
+
+MAX_BOXES = 10  # boxes drawn per field in a gallery image (teachers' top-K come score-sorted)
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def _slug(path: Path, roots: list[Path]) -> str:
 
 
 def build_report(roots: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str], *, per_page: int = 24,
-                 max_pages: int = 3, verify: bool = True) -> ReportResult:
+                 max_pages: int = 2, verify: bool = True) -> ReportResult:
     """Write the site for the shard sets and metrics under ``roots`` into ``out`` (replaced if it holds
     an earlier report); returns the index path. ``per_page`` rows per gallery page, at most
     ``max_pages`` pages per set."""
@@ -66,8 +70,14 @@ def build_report(roots: Iterable[str | os.PathLike[str]], out: str | os.PathLike
     resolved = [r.resolve() for r in roots]
     rendered = 0
     rows = []
+    used: set[str] = set()
     for info in sets:
-        slug = _slug(info.path, resolved)
+        slug = base = _slug(info.path, resolved)
+        n = 1
+        while slug in used:  # the same relative path under two roots
+            n += 1
+            slug = f"{base}-{n}"
+        used.add(slug)
         rendered += _set_pages(info, out / "sets" / slug, per_page, max_pages)
         m = info.manifest
         rows.append((H.link(f"sets/{slug}/index.html", info.title), H.escape(str(info.path)),
@@ -158,11 +168,18 @@ def _gallery(shards, d: Path, per_page: int, max_pages: int, crumbs) -> tuple[in
     except (ShardError, DataError, OSError) as e:
         return 0, 0, f"no gallery: {e}"
     gt = {r.ref_id: tuple(r.box) for r in ds.refs if r.box is not None} if m.level == "sentence" else {}
-    keys, captions = row_quality(shards, gt)
+    gt_images: dict[str, np.ndarray] = {}
+    if m.level in ("image", "region"):
+        by_image: dict[str, set] = {}
+        for r in ds.refs:
+            if r.box is not None:
+                by_image.setdefault(r.image_id, set()).add(tuple(r.box))
+        gt_images = {k: np.array(sorted(v), dtype=np.float64).reshape(-1, 4) for k, v in by_image.items()}
+    keys, captions = row_quality(shards, gt, gt_images)
     shown = keys[:per_page * max_pages]
     n_pages = (len(shown) + per_page - 1) // per_page
     order = "worst first by " + next(iter(captions.values())).rsplit(" ", 1)[0] if captions else "in key order"
-    note = f"{len(shown)} of {len(keys):,} rows, {order}, {per_page} per page."
+    note = f"{len(shown)} of {len(keys):,} rows, {order}, {per_page} per page; at most {MAX_BOXES} boxes per field drawn."
     rendered = 0
     for p in range(1, n_pages + 1):
         figs = []
@@ -170,7 +187,7 @@ def _gallery(shards, d: Path, per_page: int, max_pages: int, crumbs) -> tuple[in
             name = f"img/{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.jpg"
             cap = f"{key}" + (f" · {captions[key]}" if key in captions else "")
             try:
-                render_loaded(shards, ds, key, d / name, caption=captions.get(key))
+                render_loaded(shards, ds, key, d / name, caption=captions.get(key), max_boxes=MAX_BOXES)
             except (KeyError, ShardError, DataError, OSError) as e:
                 cap += f" · not rendered: {e}"
                 name = ""

@@ -108,22 +108,32 @@ def score_values(shards: ShardSet) -> dict[str, np.ndarray]:
     return out
 
 
-def row_quality(shards: ShardSet, gt: dict[str, tuple[float, float, float, float]]) -> tuple[list[str], dict[str, str]]:
+def row_quality(shards: ShardSet, gt: dict[str, tuple[float, float, float, float]],
+                gt_images: dict[str, np.ndarray] | None = None) -> tuple[list[str], dict[str, str]]:
     """Row keys sorted worst first and a caption per key.
 
     Sentence rows with a ``box``/``iou`` field: by IoU with the GT box (``gt``: ref id -> xyxy), lowest
-    first. Otherwise by the first scalar score field (``score``, ``cosine``, ...), lowest first, or by the
-    best of a ragged ``scores`` field. Sets with nothing to rank keep key order. NaN sorts last."""
+    first. Image/region rows with ragged ``boxes`` (a detector's): by the fraction of the image's GT boxes
+    (``gt_images``: image id -> (K, 4) xyxy) that a cached box covers at IoU >= 0.5. Otherwise by the first
+    scalar score field (``score``, ``cosine``, ...), lowest first, or by the best of a ragged ``scores``
+    field. Sets with nothing to rank keep key order. NaN sorts last."""
     keys = shards.keys
     m = shards.manifest
     quality: np.ndarray | None = None
     label = ""
+    boxes_spec = shards.fields.get("boxes")
     if "iou" in shards.fields and shards.fields["iou"].shape == ():
         quality, label = np.asarray(shards.column("iou"), dtype=np.float64), "IoU"
     elif m.level == "sentence" and "box" in shards.fields and gt:
         boxes = np.asarray(shards.column("box"), dtype=np.float64).reshape(-1, 4)
         quality = np.array([_iou(b, gt[k]) if k in gt else math.nan for k, b in zip(keys, boxes)])
         label = "IoU"
+    elif (m.level in ("image", "region") and gt_images and boxes_spec is not None and boxes_spec.ragged
+          and m.teacher.get("name") != "ground-truth"):
+        col = shards.column("boxes")
+        quality = np.array([_recall(np.asarray(c, dtype=np.float64).reshape(-1, 4), gt_images[k])
+                            if k in gt_images and len(gt_images[k]) else math.nan for k, c in zip(keys, col)])
+        label = "GT recall@0.5"
     else:
         for name, spec in shards.fields.items():
             if spec.np_dtype.kind == "f" and spec.shape == () and SCORE_NAME.search(name):
@@ -139,6 +149,18 @@ def row_quality(shards: ShardSet, gt: dict[str, tuple[float, float, float, float
     order = sorted(range(len(keys)), key=lambda i: (math.isnan(quality[i]), quality[i]))
     captions = {keys[i]: f"{label} {quality[i]:.2f}" for i in order}
     return [keys[i] for i in order], captions
+
+
+def _recall(cand: np.ndarray, gt: np.ndarray, thr: float = 0.5) -> float:
+    """Fraction of the GT boxes ``(K, 4)`` with a candidate ``(N, 4)`` at IoU >= ``thr`` (xyxy pixels)."""
+    if len(cand) == 0:
+        return 0.0
+    lt = np.maximum(gt[:, None, :2], cand[None, :, :2])  # [K,N,2]
+    rb = np.minimum(gt[:, None, 2:], cand[None, :, 2:])  # [K,N,2]
+    inter = np.clip(rb - lt, 0, None).prod(-1)  # [K,N]
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    iou = inter / np.maximum(area(gt)[:, None] + area(cand)[None, :] - inter, 1e-9)
+    return float((iou.max(axis=1) >= thr).mean())
 
 
 def _iou(a: np.ndarray, b: tuple[float, float, float, float]) -> float:

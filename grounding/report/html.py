@@ -12,7 +12,7 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 text-align:left;vertical-align:top}th{background:#eee}code,.mono{font-family:monospace;font-size:12px}
 .ok{color:#080;font-weight:bold}.bad{color:#b00;font-weight:bold}.na{color:#888}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}.gallery figure{margin:0;border:1px solid #ddd;padding:3px}
-.gallery img{max-width:320px;display:block}figcaption{font-size:12px;max-width:320px}
+.gallery img{max-width:320px;max-height:360px;display:block}figcaption{font-size:12px;max-width:320px}
 nav.pager a,nav.pager span{margin-right:.5em}nav.crumbs{margin-bottom:.6em;font-size:13px}
 pre{background:#f6f6f6;padding:.4em;overflow-x:auto;font-size:12px;max-height:24em}
 """

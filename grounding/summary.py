@@ -26,12 +26,13 @@ class StageSummary:
 
 
 def newest_mtime(path: Path) -> float:
-    """Latest modification time (s) of ``path`` or of any file below it; ``-inf`` when absent."""
+    """Latest modification time (s) of ``path`` or of the files directly in it (a shard set's manifest and
+    shards, a prepared dataset's ``dataset.json``; not a dataset's image tree); ``-inf`` when absent."""
     if not path.exists():
         return -math.inf
     if path.is_file():
         return path.stat().st_mtime
-    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*") if p.is_file())])
+    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir() if p.is_file())])
 
 
 def timed_run(name: str, params: Params, run: Callable[[str, Params], Path]) -> StageSummary:

@@ -209,8 +209,12 @@ def test_report_in_chromium(site: tuple[Path, Path], tmp_path: Path) -> None:
     # screenshots: not blank, the gallery's image areas not uniform
     shot = tmp_path / "gallery.png"
     r = _browse(exe, (set_dir / "gallery-1.html").as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1200,900",
-                "--hide-scrollbars")
+                "--hide-scrollbars", "--enable-logging=stderr", "--v=1")
     assert shot.is_file(), r.stderr[-500:]
+    # the network log: Chromium's own services (time sync, account and search helpers on Google hosts) try to
+    # call home even headless and fail at the dead proxy; nothing else may be requested
+    hosts = {m.group(1) for m in re.finditer(r"\bhttps?://([^/\s\"':?]+)", r.stderr)}
+    assert all(re.search(r"(^|\.)(google\.com|googleapis\.com|gvt1\.com|gstatic\.com)$", h) for h in hosts), hosts
     px = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert px.shape[:2] == (900, 1200)
     assert px.std() > 20 and (px.mean(axis=-1) < 250).mean() > 0.2  # mostly not white

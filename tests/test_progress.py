@@ -41,3 +41,14 @@ def test_student_fit_counts_rows_over_all_epochs(capsys: pytest.CaptureFixture[s
     assert "toy-student" in err and "21/21" in err and "row/s" in err and "epoch=3" in err
     fit(model, batches, loss_fn, tp, generator=torch.Generator(), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_bicm_kam_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    from grounding.students.bicm import train_kam
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 8)).astype(np.float32), rng.integers(0, 2, 10)
+    bp = SimpleNamespace(kam_hidden=4, kam_lr=1e-2, kam_epochs=2, kam_batch_size=4)
+    _, curve, _ = train_kam(x, y, bp, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert len(curve) == 2 and "KAM" in err and "20/20" in err and "row/s" in err

@@ -38,6 +38,7 @@ from grounding.artefacts import build_once
 from grounding.boxes import box_iou
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
+from grounding.progress import progress_bar
 from grounding.runtime import seed_everything
 from grounding.shards import ShardSet, code_version, file_sha256, stage_key
 from grounding.students.common import (
@@ -186,6 +187,7 @@ def train_kam(x: np.ndarray, y: np.ndarray, bp: Any, *, seed: int,
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     curve: list[dict[str, float]] = []
     seen, t0 = 0, time.perf_counter()
+    bar = progress_bar(bp.kam_epochs * len(xt), f"{STAGE} KAM", unit="row", enabled=progress)
     model.train()
     for epoch in range(bp.kam_epochs):
         perm = torch.randperm(len(xt), generator=gen)
@@ -201,9 +203,12 @@ def train_kam(x: np.ndarray, y: np.ndarray, bp: Any, *, seed: int,
             total += float(loss.detach()) * len(b)
             count += len(b)
             seen += len(b)
+        bar.update(len(xt))  # the epoch's rows (a last single row is skipped, not left uncounted)
         curve.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 6)})
+        bar.set_postfix(epoch=epoch + 1, loss=f"{curve[-1]['loss']:.4f}")
         if progress and (epoch + 1) % 10 == 0:
             log.info("%s KAM epoch %d loss %.4f", STAGE, epoch + 1, curve[-1]["loss"])
+    bar.close()
     return model.eval(), curve, seen / max(time.perf_counter() - t0, 1e-9)
 
 

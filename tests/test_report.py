@@ -136,6 +136,8 @@ def test_index_provenance_gallery_errors(site: tuple[Path, Path]) -> None:
 def test_bad_inputs_one_line(site: tuple[Path, Path], tmp_path: Path) -> None:
     code, out = cli("report", str(tmp_path / "nope"), "-o", str(tmp_path / "r"))
     assert code == 2 and "no such directory" in out
+    code, out = cli("report", str(tmp_path / "nope"), "-o", str(site[1]))
+    assert code == 2 and (site[1] / "index.html").is_file()  # an earlier report is kept when the input is wrong
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("x")

@@ -58,6 +58,9 @@ def build_report(roots: Iterable[str | os.PathLike[str]], out: str | os.PathLike
         raise ValueError(f"per_page must be >= 1 and max_pages >= 0 (got {per_page}, {max_pages})")
     t0 = time.perf_counter()
     roots = [Path(r) for r in roots]
+    for r in roots:  # before anything is deleted
+        if not r.is_dir():
+            raise FileNotFoundError(f"{r}: no such directory (give the data directory, e.g. `data`)")
     out = Path(out)
     if out.exists() and not (out / "index.html").is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not a report (no index.html); pick an empty or new directory")

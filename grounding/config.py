@@ -544,7 +544,8 @@ def parse_value(keys: Sequence[str], raw: str, assignment: str) -> Any:
             return raw
         path = ".".join(keys)
         if get_origin(ann) in (list, tuple, dict):
-            hint = f"quote the strings inside it, e.g. {path}='[\"a {{}} photo\"]' (YAML double quotes in shell single quotes)"
+            hint = (f"quote the strings inside it, e.g. {path}='[\"a {{}} photo\"]' "
+                    "(YAML double quotes in shell single quotes)")
         else:
             hint = f"if it is a string, quote it: {path}='{raw}' (in a shell: \"{path}='{raw}'\")"
         raise ConfigError(f"override {assignment!r}: {raw!r} is not valid YAML ({_yaml_problem(error)}); {hint}")

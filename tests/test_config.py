@@ -47,7 +47,8 @@ def test_yaml_looking_strings_are_taken_as_strings_or_explained() -> None:
     assert C.load(None, ["dataset.name=123"]).dataset.name == "123"
     assert C.load(None, ["refclip.glove=null"]).refclip.glove is None
     assert C.load(None, ["refclip.glove={x}.txt"]).refclip.glove == "{x}.txt"
-    with pytest.raises(C.ConfigError, match=r"""is not valid YAML .*quote the strings inside it, e\.g\. teachers\.clip\.prompts='\["a \{\} photo"\]'"""):
+    hint = r"""quote the strings inside it, e\.g\. teachers\.clip\.prompts='\["a \{\} photo"\]'"""
+    with pytest.raises(C.ConfigError, match="is not valid YAML .*" + hint):
         C.load(None, ["teachers.clip.prompts=[a {} photo]"])
     with pytest.raises(C.ConfigError, match=r"is not valid YAML .*quote it: seed='\{1'"):
         C.load(None, ["seed={1"])

@@ -134,7 +134,9 @@ def filled_box_mask(box_xyxy: np.ndarray, height: int, width: int) -> np.ndarray
     likewise columns), so a box of positive size never gives an empty mask."""
     x1, y1, x2, y2 = (float(v) for v in box_xyxy)
     m = np.zeros((height, width), dtype=np.uint8)
-    m[max(int(np.floor(y1)), 0):min(int(np.ceil(y2)), height), max(int(np.floor(x1)), 0):min(int(np.ceil(x2)), width)] = 1
+    r0, r1 = max(int(np.floor(y1)), 0), min(int(np.ceil(y2)), height)
+    c0, c1 = max(int(np.floor(x1)), 0), min(int(np.ceil(x2)), width)
+    m[r0:r1, c0:c1] = 1
     return m
 
 

@@ -307,6 +307,15 @@ def test_stage_writes_the_configured_format_only(synthetic: tuple, tmp_path: Pat
                             "refclip.export_format=transvg"])
     out2 = stages.run("refclip-export", p2)
     assert (out2 / "data" / "unc" / "unc_train.pth").is_file() and not out.exists()  # no stale export left
+    p3 = config.load(None, [*sets, "dataset.synthetic.n_images=12", "dataset.synthetic.seed=3", "progress=false",
+                            "refclip.export_format=transvg", "refclip.export_layout=referit"])
+    with pytest.raises(config.ConfigError, match="not splits TransVG's loader accepts"):
+        stages.run("refclip-export", p3)
+    assert (out2 / "data" / "unc" / "unc_train.pth").is_file()  # a failed export keeps the previous one
+    res = CliRunner().invoke(app, ["run", "refclip-export", "--no-deps", *(f"--set={x}" for x in sets),
+                                   "--set=dataset.synthetic.n_images=12", "--set=dataset.synthetic.seed=3",
+                                   "--set=refclip.export_format=transvg", "--set=refclip.export_layout=referit"])
+    assert res.exit_code == 1 and "not splits TransVG's loader accepts" in res.output and "Traceback" not in res.output
 
 
 def test_export_cli(synthetic: tuple, tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from grounding.boxes import convert, validate_xyxy
-from grounding.data.schema import CanonicalDataset, ImageRecord, RefRecord
+from grounding.config import ConfigError
+from grounding.data.schema import CanonicalDataset, DataError, ImageRecord, RefRecord
 from grounding.data.simrec import SIMREC_IMAGE_PATTERNS, image_file_name
 from grounding.shards import ShardSet
 
@@ -236,17 +237,17 @@ def _check_transvg(dataset: str, layout: str, splits: Iterable[str]) -> None:
     from grounding.data.transvg import TRANSVG_SPLITS
 
     if dataset not in TRANSVG_LAYOUT:
-        raise ValueError(f"refclip.transvg_dataset {dataset!r} is not a TransVG dataset; use one of "
+        raise ConfigError(f"refclip.transvg_dataset {dataset!r} is not a TransVG dataset; use one of "
                          f"{', '.join(TRANSVG_LAYOUT)}")
     if TRANSVG_LAYOUT[dataset] != layout:
         fits = [d for d, lay in TRANSVG_LAYOUT.items() if lay == layout]
-        raise ValueError(f"refclip.transvg_dataset {dataset!r} names its images as the {TRANSVG_LAYOUT[dataset]} "
+        raise ConfigError(f"refclip.transvg_dataset {dataset!r} names its images as the {TRANSVG_LAYOUT[dataset]} "
                          f"layout, not {layout!r}: use one of {', '.join(fits)} (or export_layout "
                          f"{TRANSVG_LAYOUT[dataset]})")
     known = [s for s in TRANSVG_SPLITS[dataset] if s != "trainval"]
     bad = sorted(set(splits) - set(known))
     if bad:
-        raise ValueError(f"splits {bad} are not splits TransVG's loader accepts for dataset {dataset!r} "
+        raise ConfigError(f"splits {bad} are not splits TransVG's loader accepts for dataset {dataset!r} "
                          f"({', '.join(TRANSVG_SPLITS[dataset])}); choose a transvg_dataset whose splits are the "
                          f"dataset's (unc/unc+: train, val, testA, testB; gref_umd, referit, flickr: train, val, test)")
 
@@ -259,9 +260,9 @@ def export_pseudo(pseudo_dir: str | Path, ds: CanonicalDataset, out: str | Path,
     ``referit``) under the directory ``out``, plus ``out/provenance.json``; returns the annotation files
     and the provenance (images and masks are counted in the provenance)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        raise ConfigError(f"unknown export layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     from grounding.data.transvg import TRANSVG_BOX_FORMAT
 
     if fmt == "transvg":
@@ -361,7 +362,10 @@ def _write_masks(rows: list[Row], images: dict[str, ImageRecord], mask_dir: Path
         if key in first:
             link_or_copy(first[key], path)
             continue
-        m = rle_mask(r.mask, im.height, im.width) if use_rle else filled_box_mask(box, im.height, im.width)
+        try:
+            m = rle_mask(r.mask, im.height, im.width) if use_rle else filled_box_mask(box, im.height, im.width)
+        except ValueError as e:
+            raise DataError(f"ref {r.ref_id}: {e}") from None
         if path.is_symlink() or path.exists():
             path.unlink()  # another row's hard link may live here: never write through it
         np.save(path, m)
@@ -390,10 +394,16 @@ def run_refclip_export(params: Any) -> Path:
         if record.get("key") == key and all((out / f).exists() for f in record["files"]):
             log.info("refclip-export: up to date at %s (key %s)", dest, key[:12])
             return dest
-    if out.exists():
-        shutil.rmtree(out)  # one export per dataset: no stale masks, images or other formats left behind
-    files = export_pseudo(pseudo_dir, ds, dest, rc.export_format, layout=rc.export_layout,
+    # written beside, then swapped in: one export per dataset (no stale masks, images or other formats), and
+    # a failed export leaves the previous one in place
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    files = export_pseudo(pseudo_dir, ds, tmp / rc.export_format, rc.export_format, layout=rc.export_layout,
                           transvg_dataset=rc.transvg_dataset)
-    record = {"key": key, "files": sorted(str(f.relative_to(out)) for f in files)}
-    atomic_write_bytes(done, (json.dumps(record, indent=1) + "\n").encode())
+    record = {"key": key, "files": sorted(str(f.relative_to(tmp)) for f in files)}
+    atomic_write_bytes(tmp / done.name, (json.dumps(record, indent=1) + "\n").encode())
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return dest

@@ -399,8 +399,12 @@ def run_refclip_export(params: Any) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    files = export_pseudo(pseudo_dir, ds, tmp / rc.export_format, rc.export_format, layout=rc.export_layout,
-                          transvg_dataset=rc.transvg_dataset)
+    try:
+        files = export_pseudo(pseudo_dir, ds, tmp / rc.export_format, rc.export_format, layout=rc.export_layout,
+                              transvg_dataset=rc.transvg_dataset)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     record = {"key": key, "files": sorted(str(f.relative_to(tmp)) for f in files)}
     atomic_write_bytes(tmp / done.name, (json.dumps(record, indent=1) + "\n").encode())
     if out.exists():

@@ -327,6 +327,16 @@ def test_export_cli(synthetic: tuple, tmp_path: Path) -> None:
                                    "--from", str(pseudo_dir), *sets])
     assert res.exit_code == 0, res.output
     check_export("refclip", ds, tmp_path / "rc", pseudo, dropped_for("refclip", flat, thin))
+    res = CliRunner().invoke(app, ["export", "pseudo", "-f", "simrec", "-o", str(tmp_path / "rc"),
+                                   "--from", str(pseudo_dir), *sets])  # replaces the earlier export whole
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "rc" / "images" / "train2014").exists() and (tmp_path / "rc" / "masks").is_dir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(app, ["export", "pseudo", "-f", "simrec", "-o", str(tmp_path / "mine"),
+                                   "--from", str(pseudo_dir), *sets])
+    assert res.exit_code == 1 and "not an earlier export" in res.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "transvg", "--layout", "referit", "-o",
                                    str(tmp_path / "tv"), "--from", str(pseudo_dir), *sets])
     assert res.exit_code == 1 and "not splits TransVG's loader accepts" in res.output

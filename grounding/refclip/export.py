@@ -238,18 +238,18 @@ def _check_transvg(dataset: str, layout: str, splits: Iterable[str]) -> None:
 
     if dataset not in TRANSVG_LAYOUT:
         raise ConfigError(f"refclip.transvg_dataset {dataset!r} is not a TransVG dataset; use one of "
-                         f"{', '.join(TRANSVG_LAYOUT)}")
+                          f"{', '.join(TRANSVG_LAYOUT)}")
     if TRANSVG_LAYOUT[dataset] != layout:
         fits = [d for d, lay in TRANSVG_LAYOUT.items() if lay == layout]
         raise ConfigError(f"refclip.transvg_dataset {dataset!r} names its images as the {TRANSVG_LAYOUT[dataset]} "
-                         f"layout, not {layout!r}: use one of {', '.join(fits)} (or export_layout "
-                         f"{TRANSVG_LAYOUT[dataset]})")
+                          f"layout, not {layout!r}: use one of {', '.join(fits)} (or export_layout "
+                          f"{TRANSVG_LAYOUT[dataset]})")
     known = [s for s in TRANSVG_SPLITS[dataset] if s != "trainval"]
     bad = sorted(set(splits) - set(known))
     if bad:
         raise ConfigError(f"splits {bad} are not splits TransVG's loader accepts for dataset {dataset!r} "
-                         f"({', '.join(TRANSVG_SPLITS[dataset])}); choose a transvg_dataset whose splits are the "
-                         f"dataset's (unc/unc+: train, val, testA, testB; gref_umd, referit, flickr: train, val, test)")
+                          f"({', '.join(TRANSVG_SPLITS[dataset])}); choose a transvg_dataset whose splits are the "
+                          f"dataset's (unc/unc+: train, val, testA, testB; gref_umd, referit, flickr: train, val, test)")
 
 
 # ---- the export -------------------------------------------------------------------------------------
@@ -257,8 +257,9 @@ def export_pseudo(pseudo_dir: str | Path, ds: CanonicalDataset, out: str | Path,
                   layout: str = "refcoco", pseudo_splits: Iterable[str] = ("train",),
                   transvg_dataset: str | None = None, classes: list[str] | None = None) -> list[Path]:
     """Write the export of ``fmt`` (``simrec`` | ``refclip`` | ``transvg``) in ``layout`` (``refcoco`` |
-    ``referit``) under the directory ``out``, plus ``out/provenance.json``; returns the annotation files
-    and the provenance (images and masks are counted in the provenance)."""
+    ``referit``) under the directory ``out`` (new, empty, or an earlier export, which is replaced), plus
+    ``out/provenance.json``; returns the annotation files and the provenance (images and masks are counted
+    in the provenance)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
@@ -283,6 +284,11 @@ def export_pseudo(pseudo_dir: str | Path, ds: CanonicalDataset, out: str | Path,
     file_of = {i: image_file_name(pattern, iid) for i, iid in iids.items()}
 
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "provenance.json").is_file():
+            raise ConfigError(f"{out}: not empty and not an earlier export (no provenance.json); export into a "
+                              f"new or empty directory")
+        shutil.rmtree(out)  # an earlier export: replaced whole, so no stale masks, images or splits remain
     out.mkdir(parents=True, exist_ok=True)
     used = sorted({r.image_id for r, _, _ in rows})
     image_dir = out / paths["image_dir" if fmt == "transvg" else "image_path"]

@@ -304,7 +304,7 @@ def export_pseudo_cmd(
     """Write RefCLIP pseudo-labels (training splits) and GT (other splits) as files a student's published
     loader reads as is (SimREC / RefCLIP JSON + images + masks, TransVG .pth + images)."""
     from grounding.data.schema import CanonicalDataset, DataError
-    from grounding.refclip.export import export_pseudo
+    from grounding.refclip.export import export_pseudo, images_inside
     from grounding.shards import ShardError
 
     p = _params(params, set_)
@@ -313,7 +313,8 @@ def export_pseudo_cmd(
         ds = CanonicalDataset.load(p.prepared_dir())
         files = export_pseudo(src, ds, out, format or p.refclip.export_format,
                               layout=layout or p.refclip.export_layout, pseudo_splits=pseudo_split or ["train"],
-                              transvg_dataset=transvg_dataset or p.refclip.transvg_dataset)
+                              transvg_dataset=transvg_dataset or p.refclip.transvg_dataset,
+                              copy_images=images_inside(ds, p.paths.prepared))
     except (DataError, ShardError, ValueError, OSError) as e:
         _fail(str(e))
     for f in files:

@@ -301,6 +301,8 @@ def test_stage_writes_the_configured_format_only(synthetic: tuple, tmp_path: Pat
     write_pseudo(p.teacher_dir("refclip-pseudo"), pseudo)
     out = stages.run("refclip-export", p)
     assert out == p.teacher_dir("refclip-export") / "simrec" and (out / "masks" / "refcoco").is_dir()
+    images = json.loads((out / "provenance.json").read_text())["images"]
+    assert images["copied"] == images["files"] > 0  # under paths.prepared (a DVC-cached output): copies
     before = (out / "provenance.json").stat().st_mtime_ns
     assert stages.run("refclip-export", p) == out and (out / "provenance.json").stat().st_mtime_ns == before
     p2 = config.load(None, [*sets, "dataset.synthetic.n_images=12", "dataset.synthetic.seed=3", "progress=false",
@@ -327,6 +329,8 @@ def test_export_cli(synthetic: tuple, tmp_path: Path) -> None:
                                    "--from", str(pseudo_dir), *sets])
     assert res.exit_code == 0, res.output
     check_export("refclip", ds, tmp_path / "rc", pseudo, dropped_for("refclip", flat, thin))
+    images = json.loads((tmp_path / "rc" / "provenance.json").read_text())["images"]
+    assert images["linked"] == images["files"] > 0  # a user's image folder: hard links
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "simrec", "-o", str(tmp_path / "rc"),
                                    "--from", str(pseudo_dir), *sets])  # replaces the earlier export whole
     assert res.exit_code == 0, res.output

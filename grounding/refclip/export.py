@@ -25,8 +25,9 @@ keeps exactly: every coordinate within 0.5 px of the float box, which ``provenan
 
 Both JSON loaders build the image file name from an integer ``iid``: datasets whose image ids are all
 decimal numbers keep them; otherwise images get ``0..n-1`` in sorted image-id order (the map is in the
-provenance). Images are hard-linked (copied where a link fails; never symlinked) under the names the
-loader builds. Training splits (``pseudo_splits``) get pseudo-boxes; the other splits keep their GT boxes
+provenance). Images are hard-linked (copied where a link fails, or when they lie in the pipeline's
+prepared outputs, which DVC caches; never symlinked) under the names the loader builds. Training splits
+(``pseudo_splits``) get pseudo-boxes; the other splits keep their GT boxes
 (students are evaluated on them). SimREC masks: the dataset's mask RLE for GT items (the filled box where
 the dataset has no mask), the filled pseudo-box for pseudo-labelled items (a GT mask would be full
 supervision and would not match the box). Items a reader would refuse (a box of zero size, or outside its
@@ -151,18 +152,29 @@ def rle_mask(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
     return mask_utils.decode({"size": [height, width], "counts": counts}).astype(np.uint8)
 
 
-def link_or_copy(src: Path, dst: Path) -> str:
+def link_or_copy(src: Path, dst: Path, *, copy: bool = False) -> str:
     """Hard-link ``src`` at ``dst`` (replacing what is there), copying where a link is refused (another
-    file system, no permission); never a symlink. Returns ``"linked"`` or ``"copied"``."""
+    file system, no permission) or ``copy`` is set; never a symlink. Returns ``"linked"`` or ``"copied"``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
         dst.unlink()
+    if not copy:
+        try:
+            os.link(src, dst)
+            return "linked"
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+    return "copied"
+
+
+def images_inside(ds: CanonicalDataset, directory: str | os.PathLike[str]) -> bool:
+    """Whether ``ds``'s images lie under ``directory`` (the pipeline's prepared outputs, which DVC caches: it
+    replaces a cached file that has other hard links with a copy, so those images are copied, not linked)."""
     try:
-        os.link(src, dst)
-        return "linked"
+        return Path(ds.image_root).resolve().is_relative_to(Path(directory).resolve())
     except OSError:
-        shutil.copyfile(src, dst)
-        return "copied"
+        return False
 
 
 # ---- rows -------------------------------------------------------------------------------------------
@@ -255,11 +267,12 @@ def _check_transvg(dataset: str, layout: str, splits: Iterable[str]) -> None:
 # ---- the export -------------------------------------------------------------------------------------
 def export_pseudo(pseudo_dir: str | Path, ds: CanonicalDataset, out: str | Path, fmt: str, *,
                   layout: str = "refcoco", pseudo_splits: Iterable[str] = ("train",),
-                  transvg_dataset: str | None = None, classes: list[str] | None = None) -> list[Path]:
+                  transvg_dataset: str | None = None, classes: list[str] | None = None,
+                  copy_images: bool = False) -> list[Path]:
     """Write the export of ``fmt`` (``simrec`` | ``refclip`` | ``transvg``) in ``layout`` (``refcoco`` |
     ``referit``) under the directory ``out`` (new, empty, or an earlier export, which is replaced), plus
     ``out/provenance.json``; returns the annotation files and the provenance (images and masks are counted
-    in the provenance)."""
+    in the provenance). Images are hard links unless ``copy_images``."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
@@ -294,7 +307,8 @@ def export_pseudo(pseudo_dir: str | Path, ds: CanonicalDataset, out: str | Path,
     image_dir = out / paths["image_dir" if fmt == "transvg" else "image_path"]
     how = {"linked": 0, "copied": 0}
     for image_id in used:
-        how[link_or_copy(Path(ds.image_root) / images[image_id].path, image_dir / file_of[image_id])] += 1
+        how[link_or_copy(Path(ds.image_root) / images[image_id].path, image_dir / file_of[image_id],
+                         copy=copy_images)] += 1
     rotated = sum(images[i].orientation != "none" for i in used)
     if rotated:
         log.warning("refclip-export: %d images carry an EXIF orientation; the loaders may decode them "
@@ -407,7 +421,8 @@ def run_refclip_export(params: Any) -> Path:
         shutil.rmtree(tmp)
     try:
         files = export_pseudo(pseudo_dir, ds, tmp / rc.export_format, rc.export_format, layout=rc.export_layout,
-                              transvg_dataset=rc.transvg_dataset)
+                              transvg_dataset=rc.transvg_dataset,
+                              copy_images=images_inside(ds, params.paths.prepared))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,7 +31,7 @@ import published_loaders as L  # noqa: E402
 from grounding import config  # noqa: E402
 from grounding.boxes import paired_iou  # noqa: E402
 from grounding.data.schema import CanonicalDataset  # noqa: E402
-from grounding.refclip.export import FORMATS, export_pseudo  # noqa: E402
+from grounding.refclip.export import FORMATS, export_pseudo, images_inside  # noqa: E402
 from grounding.shards import ShardSet  # noqa: E402
 
 
@@ -89,7 +89,8 @@ def main() -> None:
         out = Path(args.out) / fmt
         if out.exists():
             shutil.rmtree(out)
-        export_pseudo(pseudo_dir, ds, out, fmt, layout=layout, transvg_dataset=p.refclip.transvg_dataset)
+        export_pseudo(pseudo_dir, ds, out, fmt, layout=layout, transvg_dataset=p.refclip.transvg_dataset,
+                      copy_images=images_inside(ds, p.paths.prepared))
         prov = json.loads((out / "provenance.json").read_text())
         got = read_export(fmt, out)
         ok = [(rid, b) for _, rid, b in got if b is not None]

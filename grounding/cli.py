@@ -312,25 +312,32 @@ def shards_render(path: str, key: str, out: str = typer.Option(..., "--out", "-o
 
 @export_app.command("pseudo")
 def export_pseudo_cmd(
-    format: str = typer.Option(..., "--format", "-f", help="simrec (JSON, xywh) or transvg (.pth per split)"),
-    out: str = typer.Option(..., "--out", "-o", help="simrec: a .json file; transvg: a directory"),
+    format: Optional[str] = typer.Option(None, "--format", "-f",
+                                         help="simrec | refclip | transvg (default: refclip.export_format)"),
+    out: str = typer.Option(..., "--out", "-o", help="export directory (laid out as the loader's config expects)"),
+    layout: Optional[str] = typer.Option(None, "--layout", help="file naming: refcoco | referit "
+                                                                "(default: refclip.export_layout)"),
     shard_dir: Optional[str] = typer.Option(None, "--from", help="pseudo-box shard set (default: refclip-pseudo)"),
-    transvg_dataset: Optional[str] = typer.Option(None, help="TransVG convention: unc, unc+, gref, gref_umd, referit, flickr"),
+    transvg_dataset: Optional[str] = typer.Option(None, help="TransVG dataset: unc, unc+, gref, gref_umd (refcoco "
+                                                             "layout), referit, flickr (referit layout)"),
     pseudo_split: Optional[List[str]] = typer.Option(None, "--pseudo-split", help="splits given pseudo-boxes (default: train)"),
     params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Write RefCLIP pseudo-labels (training splits) and GT (other splits) in a student's format."""
+    """Write RefCLIP pseudo-labels (training splits) and GT (other splits) as files a student's published
+    loader reads as is (SimREC / RefCLIP JSON + images + masks, TransVG .pth + images)."""
     from grounding.data.schema import CanonicalDataset, DataError
-    from grounding.refclip.export import export_pseudo
+    from grounding.refclip.export import export_pseudo, images_inside
     from grounding.shards import ShardError
 
     p = _params(params, set_)
     src = Path(shard_dir) if shard_dir else p.teacher_dir("refclip-pseudo")
     try:
         ds = CanonicalDataset.load(p.prepared_dir())
-        files = export_pseudo(src, ds, out, format, pseudo_splits=pseudo_split or ["train"],
-                              transvg_dataset=transvg_dataset or p.refclip.transvg_dataset)
-    except (DataError, ShardError, ValueError) as e:
+        files = export_pseudo(src, ds, out, format or p.refclip.export_format,
+                              layout=layout or p.refclip.export_layout, pseudo_splits=pseudo_split or ["train"],
+                              transvg_dataset=transvg_dataset or p.refclip.transvg_dataset,
+                              copy_images=images_inside(ds, p.paths.prepared))
+    except (DataError, ShardError, ValueError, OSError) as e:
         _fail(str(e))
     for f in files:
         console.print(f"wrote {f}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from types import UnionType
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -282,8 +283,12 @@ class RefclipParams(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     visual_mlp: Literal[1, 2] = 1
     glove: str | None = None  # a local GloVe .txt whose vectors have word_dim values
-    export_format: Literal["simrec", "transvg"] = "simrec"
-    transvg_dataset: str = "unc"  # which TransVG convention the export follows (unc: xywh; referit/flickr: xyxy)
+    # refclip-export (issue 21; grounding/refclip/export.py): which loader reads the files, whose naming rules
+    # (refcoco: COCO_train2014_%012d.jpg, referit: %d.jpg) they follow, and TransVG's dataset name
+    # (null: unc/unc+/gref/gref_umd from the source for refcoco, referit for referit)
+    export_format: Literal["simrec", "refclip", "transvg"] = "simrec"
+    export_layout: Literal["refcoco", "referit"] = "refcoco"
+    transvg_dataset: Literal["unc", "unc+", "gref", "gref_umd", "referit", "flickr"] | None = None
 
     @field_validator("hidden")
     @classmethod
@@ -482,8 +487,76 @@ class Params(_Section):
         return Path(self.paths.students) / stage / self.dataset.name
 
 
+def _field_type(keys: Sequence[str]) -> Any:
+    """The annotation of the param at ``keys`` (``Any`` inside free-form mappings such as
+    ``dataset.options``; ``None`` for a key the schema does not have)."""
+    node: Any = Params
+    for k in keys:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            fields = node.model_fields
+            f = fields.get(k) or next((f for f in fields.values() if f.alias == k), None)
+            if f is None:
+                return None
+            node = f.annotation
+        elif get_origin(node) is dict:
+            node = (get_args(node) or (str, Any))[1]
+        else:
+            return None
+    return node
+
+
+def _string_param(ann: Any) -> tuple[bool, bool]:
+    """``(is a string param, may be null)``: ``str``, string ``Literal`` s, and their optional forms."""
+    if ann is str:
+        return True, False
+    if get_origin(ann) is Literal:
+        return all(isinstance(a, str) for a in get_args(ann)), False
+    if get_origin(ann) in (Union, UnionType):
+        members = [a for a in get_args(ann) if a is not type(None)]
+        return bool(members) and all(_string_param(a)[0] for a in members), len(members) < len(get_args(ann))
+    return False, False
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at column {mark.column + 1}" if mark is not None else problem
+
+
+def parse_value(keys: Sequence[str], raw: str, assignment: str) -> Any:
+    """The value of ``key.path=raw``: YAML, except that a string param takes ``raw`` as the string it is
+    (``{iid}.jpg``, ``123``) unless it parses to a string or null, and a free-form option (``dataset.options``)
+    takes as a string what is not valid YAML or is a ``{name}`` placeholder (YAML would make it a mapping
+    of nulls). Any other value that is not valid YAML is a ConfigError that shows the quoting."""
+    ann = _field_type(keys)
+    try:
+        parsed, error = yaml.safe_load(raw), None
+    except yaml.YAMLError as e:
+        parsed, error = None, e
+    is_str, nullable = _string_param(ann)
+    if is_str:
+        if error is None and (isinstance(parsed, str) or (parsed is None and nullable and raw.strip())):
+            return parsed
+        return raw
+    free_form = ann is Any or ann is None
+    if error is not None:
+        if free_form:
+            return raw
+        path = ".".join(keys)
+        if get_origin(ann) in (list, tuple, dict):
+            hint = (f"quote the strings inside it, e.g. {path}='[\"a {{}} photo\"]' "
+                    "(YAML double quotes in shell single quotes)")
+        else:
+            hint = f"if it is a string, quote it: {path}='{raw}' (in a shell: \"{path}='{raw}'\")"
+        raise ConfigError(f"override {assignment!r}: {raw!r} is not valid YAML ({_yaml_problem(error)}); {hint}")
+    if (free_form and isinstance(parsed, dict) and parsed and raw.lstrip().startswith("{")
+            and all(v is None for v in parsed.values())):
+        return raw
+    return parsed
+
+
 def apply_override(doc: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` to a nested dict in place; ``value`` is parsed as YAML."""
+    """Apply ``a.b.c=value`` to a nested dict in place; ``value`` as :func:`parse_value` reads it."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form key.path=value")
     path, raw = assignment.split("=", 1)
@@ -496,7 +569,7 @@ def apply_override(doc: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {assignment!r}: {k!r} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = parse_value(keys, raw, assignment)
 
 
 def from_dict(doc: dict[str, Any], *, source: str = "params") -> Params:
@@ -513,7 +586,10 @@ def load(path: str | os.PathLike[str] | None = "params.yaml", overrides: Sequenc
     doc: dict[str, Any] = {}
     if path is not None and Path(path).exists():
         with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         doc = loaded or {}
@@ -521,4 +597,4 @@ def load(path: str | os.PathLike[str] | None = "params.yaml", overrides: Sequenc
         raise ConfigError(f"{path}: params file not found")
     for o in overrides:
         apply_override(doc, o)
-    return from_dict(doc, source=str(path))
+    return from_dict(doc, source=str(path) if path is not None else "params")

@@ -277,7 +277,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("refclip-pseudo", "RefCLIP pseudo-box per sentence + Acc@0.5 (data/metrics/refclip.json)",
                  ("grounding.refclip.pseudo",), _lazy("grounding.refclip.pseudo", "run_refclip_pseudo"),
                  needs=("refclip-train",)),
-        StageDef("refclip-export", "pseudo-labels as SimREC JSON and TransVG .pth",
+        StageDef("refclip-export", "pseudo-labels as files SimREC, RefCLIP or TransVG loaders read as is",
                  ("grounding.refclip.export",), _lazy("grounding.refclip.export", "run_refclip_export"),
                  needs=("refclip-pseudo",)),
         # CLIP teacher (issue 4): bootstrap (only when teachers.clip.pretrained is null), five caches, sanity

@@ -295,7 +295,8 @@ def test_served_deployment_runs_through_a_local_server(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Completed" in run.stdout
         assert (tmp_path / "out" / "teachers" / "refclip-pseudo" / "synthetic" / "manifest.json").exists()
-        assert (tmp_path / "out" / "teachers" / "refclip-export" / "synthetic" / "simrec" / "synthetic.json").exists()
+        export = tmp_path / "out" / "teachers" / "refclip-export" / "synthetic" / "simrec"
+        assert (export / "anns" / "refcoco.json").exists() and (export / "masks" / "refcoco").is_dir()
         sets = sorted(str(m.parent) for m in (tmp_path / "out" / "teachers").glob("*/synthetic/manifest.json"))
         assert {Path(s).parent.name for s in sets} == {"yolo-anchors", "refclip-pseudo"}
         verify = subprocess.run([str(VENV_BIN / "grounding"), "shards", "verify", *sets], env=env,

@@ -58,6 +58,8 @@ def read_simrec(json_path: str | os.PathLike[str], image_root: str | os.PathLike
     ``splits`` keeps only the listed top-level keys (default: all). Bad items follow ``on_error``.
     """
     json_path = Path(json_path)
+    if image_pattern is not None and not isinstance(image_pattern, str):
+        raise DataError(f"image_pattern {image_pattern!r} is not a string; pass e.g. image_pattern='{{iid}}.jpg'")
     pattern = image_pattern or SIMREC_IMAGE_PATTERNS.get(dataset)
     if pattern is None:
         raise DataError(f"{json_path}: no image file pattern known for dataset {dataset!r} (known: "

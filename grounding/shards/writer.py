@@ -140,6 +140,9 @@ class ShardWriter:
         nul = next((k for k in keys if "\x00" in k), None)
         if nul is not None:  # keys are stored as fixed-width bytes, which cannot hold a trailing NUL
             raise ValueError(f"item key {nul!r} given to the writer of {spec.stage} contains a NUL character")
+        bad = next((k for k in keys if not _utf8_ok(k)), None)
+        if bad is not None:  # keys are stored as UTF-8 bytes
+            raise ValueError(f"item key {bad!r} given to the writer of {spec.stage} is not valid Unicode (lone surrogate)")
         if (item_hashes is None) != (not spec.content_base):
             raise ValueError(f"{spec.stage}: item_hashes and spec.content_base go together (got "
                              f"{'no ' if item_hashes is None else ''}item hashes, content_base={spec.content_base!r})")
@@ -356,7 +359,8 @@ class ShardWriter:
                              f"(set on_error: skip to record it and go on)")
         self._expect(str(key))
         self.rows_added += 1
-        self._buf_errors.append({"item": str(key), "reason": reason})
+        self._buf_errors.append({"item": str(key), "reason": str(reason).encode("utf-8", "backslashreplace")
+                                 .decode("utf-8")})  # storable in the manifest whatever the message holds
         self._after_item()
 
     def _check_row(self, key: str, row: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -452,6 +456,14 @@ class ShardWriter:
             self.close(failed=True)
             raise
         self.close(failed=exc_type is not None)
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _committed_shards(directory: Path) -> dict[str, ShardInfo]:

@@ -125,10 +125,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (weights are local files, never downloaded)")
+    from grounding.errors import WeightsError
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason and the way out
-        raise ValueError(
+        raise WeightsError(
             f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:200]}). "
             "Full pickled checkpoints (e.g. ultralytics .pt) are refused; save the model's state_dict "
             "from a trusted environment and point the params at that file") from None
@@ -138,7 +140,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # torchvision reference-script checkpoints
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+        raise WeightsError(f"{path}: not a state dict (a mapping of parameter names to tensors); point the "
+                           f"weights param at a file saved with torch.save(model.state_dict(), ...)")
     return Checkpoint(path, file_sha256(path), dict(obj), {})
 
 
@@ -207,8 +210,19 @@ class Detector(ABC):
 
     @cached_property
     def model(self) -> torch.nn.Module:
-        """The model in eval mode on :attr:`device` (built on first use)."""
-        return self._build().eval().to(self.device)
+        """The model in eval mode on :attr:`device` (built on first use); a weights file that does not fit
+        the architecture is a :class:`~grounding.errors.WeightsError` naming the file and the params section."""
+        from grounding.errors import WeightsError
+
+        try:
+            model = self._build()
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, size mismatches
+            if "state_dict" not in str(e):
+                raise
+            raise WeightsError(f"teachers.{self.teacher}.weights: {self.weights} does not fit the configured "
+                               f"architecture ({str(e).splitlines()[0][:200]}...); check teachers.{self.teacher}"
+                               f".arch/config and classes") from None
+        return model.eval().to(self.device)
 
     @property
     @abstractmethod

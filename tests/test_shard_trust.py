@@ -395,3 +395,30 @@ def test_weight_refusals_are_known_errors(tmp_path: Path) -> None:
     assert errors.is_known(e.value) and errors.one_line(e.value)[1] == 2
     with pytest.raises(errors.WeightsError, match=r"backbone_weights: .*pickled\.pt cannot be loaded"):
         build_backbone(18, str(bad))
+
+
+@pytest.mark.slow
+def test_prefect_flow_fails_with_one_line(tmp_path: Path) -> None:
+    """A known error in a Prefect task ends the flow in a Failed state carrying the one-line message."""
+    import yaml
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flow import grounding_flow
+
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["dataset"]["synthetic"]["n_images"] = 6
+    doc["progress"] = False
+    doc["paths"] = {k: str(tmp_path / k) for k in ("prepared", "teachers", "students", "metrics", "models")}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(doc))
+    with prefect_test_harness(server_startup_timeout=180):
+        st = grounding_flow(target="gt-boxes", params_file=str(params), overrides=["seed=true"], return_state=True)
+        assert st.is_failed() and "seed: Value error, a boolean" in st.message and "\n" not in st.message
+        lock = DirLock(tmp_path / "teachers" / "gt-boxes" / "synthetic").acquire()
+        try:
+            st = grounding_flow(target="gt-boxes", params_file=str(params), return_state=True)
+        finally:
+            lock.release()
+        assert st.is_failed() and st.message.startswith("stage gt-boxes: ") and f"pid {os.getpid()}" in st.message
+        st = grounding_flow(target="gt-boxes", params_file=str(params), return_state=True)
+        assert st.is_completed()

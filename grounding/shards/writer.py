@@ -142,7 +142,8 @@ class ShardWriter:
             raise ValueError(f"item key {nul!r} given to the writer of {spec.stage} contains a NUL character")
         bad = next((k for k in keys if not _utf8_ok(k)), None)
         if bad is not None:  # keys are stored as UTF-8 bytes
-            raise ValueError(f"item key {bad!r} given to the writer of {spec.stage} is not valid Unicode (lone surrogate)")
+            raise ValueError(f"item key {bad!r} given to the writer of {spec.stage} is not valid Unicode "
+                             f"(lone surrogate)")
         if (item_hashes is None) != (not spec.content_base):
             raise ValueError(f"{spec.stage}: item_hashes and spec.content_base go together (got "
                              f"{'no ' if item_hashes is None else ''}item hashes, content_base={spec.content_base!r})")

@@ -125,13 +125,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (weights are local files, never downloaded)")
-    from grounding.errors import WeightsError
+    from grounding.errors import WeightsError, torch_reason
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason and the way out
         raise WeightsError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:200]}). "
+            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {torch_reason(e)}). "
             "Full pickled checkpoints (e.g. ultralytics .pt) are refused; save the model's state_dict "
             "from a trusted environment and point the params at that file") from None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

@@ -421,3 +421,19 @@ def test_prefect_flow_fails_with_one_line(tmp_path: Path) -> None:
         assert st.is_failed() and st.message.startswith("stage gt-boxes: ") and f"pid {os.getpid()}" in st.message
         st = grounding_flow(target="gt-boxes", params_file=str(params), return_state=True)
         assert st.is_completed()
+
+
+def test_a_forked_child_does_not_hold_or_release_the_parents_lock(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    lock = DirLock(out).acquire()
+    pid = os.fork()
+    if pid == 0:  # child: its copy of the lock is inert
+        code = 0 if lock.fd is None else 1
+        lock.release()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0 and (out / LOCK_FILE).exists()
+    with pytest.raises(LockHeld):  # still held by this process
+        DirLock(out).acquire()
+    lock.release()
+    DirLock(out).acquire().release()

@@ -129,7 +129,9 @@ def preprocess_like_mmdet(canvases: torch.Tensor, data_preprocessor: Any) -> tor
 def mmdet_state_dict(path: Path) -> Checkpoint:
     """An mmdet/mmengine checkpoint (``{"meta", "state_dict"}``) or a plain state dict, loaded with
     ``weights_only=True``; class names from ``meta.dataset_meta.classes`` when present."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from grounding.errors import load_weights
+
+    obj = load_weights(path, "teachers.*.weights (mmdet)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "format" not in obj:
         meta = obj.get("meta") or {}
         classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
+from grounding.config import ConfigError
 from grounding.shards import file_sha256
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ _GENERIC_MODULES = ("builtins", "__builtin__", "collections", "copyreg", "_codec
                     "pathlib", "typing", "functools")
 
 
-class WeightsError(ValueError):
-    """A weights file that cannot be used as given; the message names the file and the fix."""
+class WeightsError(ConfigError):
+    """A weights file named in the params that cannot be used as given (unsafe pickle, unreadable, not a
+    state dict, wrong architecture); the message names the file and the fix. A :class:`ConfigError`, so
+    every entry point reports it as one line with exit code 2 (grounding.errors)."""
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:

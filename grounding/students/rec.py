@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from grounding.students import common as C
-from grounding.weights import load_state_dict_file
+from grounding.weights import WeightsError, load_state_dict_file
 
 log = logging.getLogger(__name__)
 CLIP_BPE_VOCAB = 49408  # open_clip SimpleTokenizer vocabulary (BPE merges shipped with open_clip)
@@ -126,8 +126,6 @@ def build_backbone(depth: int, weights: str | None = None, width: float = 1.0,
     if weights:
         if width != 1.0:
             raise ValueError(f"backbone_weights {weights} need width 1.0 (got {width})")
-        from grounding.weights import WeightsError, load_state_dict_file
-
         state = load_state_dict_file(weights)  # weights-only; pickled files refused, naming `weights import`
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grounding.config import Params
+from grounding.shards.lock import LOCK_FILE
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,14 @@ class StageSummary:
 
 def newest_mtime(path: Path) -> float:
     """Latest modification time (s) of ``path`` or of the files directly in it (a shard set's manifest and
-    shards, a prepared dataset's ``dataset.json``; not a dataset's image tree); ``-inf`` when absent."""
+    shards, a prepared dataset's ``dataset.json``; not a dataset's image tree, nor the writer's lock file,
+    which every run creates and removes); ``-inf`` when absent."""
     if not path.exists():
         return -math.inf
     if path.is_file():
         return path.stat().st_mtime
-    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir() if p.is_file())])
+    files = [p.stat().st_mtime for p in path.iterdir() if p.is_file() and p.name != LOCK_FILE]
+    return max(files) if files else path.stat().st_mtime  # the writer's lock file is touched by every run
 
 
 def timed_run(name: str, params: Params, run: Callable[[str, Params], Path]) -> StageSummary:

@@ -141,12 +141,17 @@ def _all_tensors(d: Mapping[Any, Any]) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | os.PathLike[str], key: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict in a local weights file, loaded safely (:func:`load_weights_file`) and unwrapped
     (:func:`as_state_dict`). Pickled full models are refused with :class:`WeightsError` naming
-    :data:`IMPORT_COMMAND`."""
+    :data:`IMPORT_COMMAND`; ``key``, the params key that named the file, prefixes every error."""
     path = Path(path)
-    return as_state_dict(load_weights_file(path), path)
+    try:
+        return as_state_dict(load_weights_file(path), path)
+    except (WeightsError, FileNotFoundError) as e:
+        if key is None:
+            raise
+        raise type(e)(f"{key}: {e}") from None
 
 
 def read_sidecar(path: str | os.PathLike[str], sha256: str | None = None) -> dict[str, Any] | None:

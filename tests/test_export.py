@@ -318,7 +318,7 @@ def test_stage_writes_the_configured_format_only(synthetic: tuple, tmp_path: Pat
     res = CliRunner().invoke(app, ["run", "refclip-export", "--no-deps", *(f"--set={x}" for x in sets),
                                    "--set=dataset.synthetic.n_images=12", "--set=dataset.synthetic.seed=3",
                                    "--set=refclip.export_format=transvg", "--set=refclip.export_layout=referit"])
-    assert res.exit_code == 1 and "not splits TransVG's loader accepts" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "not splits TransVG's loader accepts" in res.output and "Traceback" not in res.output
 
 
 def test_export_cli(synthetic: tuple, tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ def test_export_cli(synthetic: tuple, tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "transvg", "--layout", "referit", "-o",
                                    str(tmp_path / "tv"), "--from", str(pseudo_dir), *sets])
-    assert res.exit_code == 1 and "not splits TransVG's loader accepts" in res.output
+    assert res.exit_code == 2 and "not splits TransVG's loader accepts" in res.output
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "coco", "-o", str(tmp_path / "x"),
                                    "--from", str(pseudo_dir), *sets])
     assert res.exit_code == 1 and "unknown export format" in res.output

@@ -126,7 +126,7 @@ def build_backbone(depth: int, weights: str | None = None, width: float = 1.0,
     if weights:
         if width != 1.0:
             raise ValueError(f"backbone_weights {weights} need width 1.0 (got {width})")
-        state = load_state_dict_file(weights)  # weights-only; pickled files refused, naming `weights import`
+        state = load_state_dict_file(weights, "backbone_weights")  # weights-only; pickled files refused, naming `weights import`
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith("fc.")]

@@ -287,3 +287,44 @@ def test_darknet_params_validation(tmp_path: Path) -> None:
         C.from_dict({"teachers": {"yolo": {"backend": "darknet53"}}})
     assert C.from_dict({"teachers": {"yolo": {"backend": "darknet", "width_multiple": 0.125}}}).teachers.yolo.backend \
         == "darknet"
+
+
+# ---- bootstrap ------------------------------------------------------------------------------------------------
+def test_yolo_loss_assigns_every_level_and_overfits_one_image() -> None:
+    from grounding.teachers.detectors.darknet_train import train_darknet, yolo_loss
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    canvas = torch.randn(3, 96, 96)
+    target = (torch.tensor([[10.0, 12.0, 50.0, 40.0], [60.0, 50.0, 90.0, 95.0]]), torch.tensor([1, 0]))
+    model = DarknetYolo(DarknetConfig(WIDTH, 2))
+    with torch.no_grad():
+        before = yolo_loss(model, model(canvas[None], decode=False), [target[0]], [target[1]])
+    assert set(before) == {"xy", "wh", "guide", "obj", "cls"} and all(float(v) > 0 for v in before.values())
+    model, stats = train_darknet([canvas], [target], DarknetConfig(WIDTH, 2), epochs=40, batch_size=1, lr=3e-3,
+                                 crop=96, gen=gen)
+    assert stats["final_loss"] < 0.5 * stats["first_loss"], stats
+    with torch.no_grad():
+        p32 = model(canvas[None])["preds"][0][0]  # (4, 3, 3, 7)
+    # the stride-32 cell holding the first box's centre (30, 26) -> (y 0, x 0) scores above the empty ones
+    obj = p32[..., 4].mean(0)
+    assert obj[0, 0] > obj[1, 0] and obj[0, 0] > obj[0, 1], obj
+
+
+def test_bootstrap_writes_a_public_layout_state_dict_the_stage_loads(tmp_path: Path) -> None:
+    from grounding import stages
+    from grounding.data.synthetic import CLASSES
+    from grounding.teachers.bootstrap import bootstrap_path
+    from tests.test_detectors import make_params
+
+    p = make_params(tmp_path, yolo={"backend": "darknet", "input_size": 128,
+                                    "bootstrap": {"epochs": 1, "batch_size": 4, "input_size": 128, "crop": 64}})
+    stages.run("prepare", p)
+    weights = stages.run("bootstrap-yolo", p)
+    assert weights == bootstrap_path(p, "yolo")
+    sd = torch.load(weights, weights_only=True)
+    assert isinstance(sd, dict) and all(k.startswith("module_list.") for k in sd)
+    assert infer_config(sd) == DarknetConfig(WIDTH, len(CLASSES))
+    shards = ShardSet(stages.run("yolo-anchors", p))
+    assert shards.manifest.extra["classes"] == list(CLASSES)
+    assert shards.manifest.teacher["weights_sha256"] == build_detector("yolo", p, weights).checkpoint.sha256

@@ -19,7 +19,9 @@ with horizontal flips; AdamW with a linear warm-up then cosine decay.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from grounding.teachers.detectors.darknet import HEADS, N_PRED, DarknetConfig, DarknetYolo
+
+log = logging.getLogger(__name__)
 
 IGNORE_IOU = 0.7
 
@@ -117,7 +121,8 @@ def train_darknet(canvases: list[torch.Tensor], targets: list[tuple[torch.Tensor
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
     model.train()
     losses: list[float] = []
-    for _ in range(epochs):
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
         order = torch.randperm(len(canvases), generator=gen).tolist()
         for s in range(steps_per_epoch):
             imgs, boxes, labels = [], [], []
@@ -136,6 +141,8 @@ def train_darknet(canvases: list[torch.Tensor], targets: list[tuple[torch.Tensor
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+        log.info("bootstrap darknet: epoch %d/%d loss %.2f (%.0f s)", epoch + 1, epochs,
+                 float(np.mean(losses[-steps_per_epoch:])), time.perf_counter() - t0)
     model.eval()
     return model, {"steps": total, "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
                    "first_loss": round(float(np.mean(losses[:steps_per_epoch])), 4)}

@@ -28,7 +28,6 @@ from PIL import Image
 
 from grounding.artefacts import read_provenance
 from grounding.boxes import Letterbox
-from grounding.config import Params
 from grounding.shards import FieldSpec
 from grounding.teachers.detectors import (
     IMAGENET_MEAN,

@@ -92,7 +92,9 @@ def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
     libs = ("torch", "torchvision", "ultralytics") if teacher == "yolo" and not darknet else ("torch", "torchvision")
     modules = list(_DARKNET_MODULES) if darknet else [_DETECTOR_MODULE[teacher], "grounding.teachers.detectors.tiny"]
     if darknet:
-        arch: dict[str, Any] = {"backend": "darknet", "width_multiple": cfg.width_multiple}
+        import cv2
+
+        arch: dict[str, Any] = {"backend": "darknet", "width_multiple": cfg.width_multiple, "opencv": cv2.__version__}
     elif teacher == "yolo":
         arch = {"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
     else:

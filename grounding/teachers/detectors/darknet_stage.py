@@ -38,7 +38,14 @@ from grounding.teachers.detectors import (
     common_row,
     keep_count,
 )
-from grounding.teachers.detectors.darknet import HEADS, DarknetYolo, from_state_dict, infer_config, strip_prefixes
+from grounding.teachers.detectors.darknet import (
+    HEADS,
+    DarknetConfig,
+    DarknetYolo,
+    from_state_dict,
+    infer_config,
+    strip_prefixes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,7 @@ class DarknetDetector(Detector):
         return sd
 
     @functools.cached_property
-    def net_config(self):
+    def net_config(self) -> DarknetConfig:
         return infer_config(self.state_dict, str(self.weights))
 
     @property
@@ -172,7 +179,10 @@ class DarknetDetector(Detector):
 
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
+        import cv2
+
         ident["preprocess"] = {"letterbox": "SimREC: int sizes, centred (floor), cv2 INTER_LINEAR",
+                               "opencv": cv2.__version__,
                                "pad_value": PAD_VALUE, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
         return ident
 
@@ -228,8 +238,6 @@ class DarknetDetector(Detector):
 
 def random_weights(path: Path, width: float, num_classes: int, seed: int = 0) -> Path:
     """A random-initialised network saved as a plain public-layout state dict (tests, smoke runs)."""
-    from grounding.teachers.detectors.darknet import DarknetConfig
-
     torch.manual_seed(seed)
     model = DarknetYolo(DarknetConfig(width, num_classes))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,9 @@ key covers the dataset fingerprint, architecture, training params, seed, library
 this module and the detector's, so unchanged inputs train nothing. CPU runs are deterministic for a fixed
 seed (torch deterministic algorithms, single-process data loading).
 
-Weights files are ``{"format": "grounding-detector-v1", arch/config, classes, "state_dict"}`` and load
-with ``torch.load(weights_only=True)``; the teacher identity hashes the file actually written.
+Weights files are ``{"format": "grounding-detector-v1", arch/config, classes, "state_dict"}`` (the
+darknet YOLO: a plain state dict in the published key layout, class names in the sidecar's provenance) and
+load with ``torch.load(weights_only=True)``; the teacher identity hashes the file actually written.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from types import UnionType
 from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DATASET_FORMATS = ("synthetic", "refcoco", "refcoco+", "refcocog", "referit", "simrec", "transvg", "flickr30k")
 
@@ -106,14 +106,24 @@ class BootstrapParams(_Section):
 
 
 class YoloBootstrapParams(BootstrapParams):
-    """Bootstrap of the scaled YOLOv3 (ultralytics' trainer, mosaic augmentation: more, cheaper epochs)."""
+    """Bootstrap of the scaled YOLOv3. ``backend: darknet`` (the default): this project's loop and loss
+    (:mod:`grounding.teachers.detectors.darknet_train`) on ``crop``-pixel windows of the canvases;
+    ``backend: ultralytics``: ultralytics' trainer with mosaic (README: 40 epochs, batch 16, no crop)."""
 
-    epochs: int = Field(40, ge=1)  # 10 left the stride-32 features and recall poor (val recall 0.34 vs 0.96)
-    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1)
     input_size: int | None = Field(416, ge=32)
     # training labels: the shape class, or colour x shape ("red circle": 80 classes), an attribute-aware
     # detector whose stride-32 features must keep the colour most synthetic sentences name
     labels: Literal["shape", "colour-shape"] = "shape"
+    # darknet backend only: side of the random window (multiple of 32) cut from each input_size canvas per
+    # step (objects keep their scale, the step costs (crop / input_size)^2); null: the whole canvas
+    crop: int | None = Field(224, ge=32)
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_multiple_of_32(cls, v: int | None) -> int | None:
+        return None if v is None else _check_input_size(v)
 
 
 def _check_input_size(v: int) -> int:
@@ -171,7 +181,13 @@ class FcosParams(DetectorParams):
 
 
 class YoloParams(_Section):
-    """The YOLOv3 anchor teacher (``teachers.yolo``, ultralytics).
+    """The YOLOv3 anchor teacher (``teachers.yolo``).
+
+    ``backend: darknet``: SimREC's / RefCLIP's YOLOv3 (DarkNet-53, SPP, three anchor-guided heads;
+    :mod:`grounding.teachers.detectors.darknet`) on SimREC's input (int-size cv2 resize, grey 127, ImageNet
+    mean/std); ``weights`` a public-layout state dict (``yolov3_coco.pth``, ``yolov3_vg.pth``) whose width and
+    class count are read from its shapes; ``width_multiple`` only sizes the bootstrapped network (``config``,
+    ``depth_multiple`` and ``pad_value`` are ultralytics-only). ``backend: ultralytics``:
 
     ``config``: a model yaml shipped with grounding (``yolov3-p5.yaml``: YOLOv3 detecting on the stride-32
     level only, the default for the bootstrap), with ultralytics (``yolov3.yaml`` for real YOLOv3 weights)
@@ -181,7 +197,7 @@ class YoloParams(_Section):
     the top ``keep_ratio`` of stride-32 cells by confidence are kept.
     """
 
-    backend: Literal["ultralytics"] = "ultralytics"
+    backend: Literal["darknet", "ultralytics"] = "darknet"
     config: str = "yolov3-p5.yaml"
     depth_multiple: float | None = Field(0.33, gt=0)
     width_multiple: float | None = Field(0.125, gt=0)
@@ -198,6 +214,15 @@ class YoloParams(_Section):
     @classmethod
     def _input_size_multiple_of_32(cls, v: int) -> int:
         return _check_input_size(v)
+
+    @model_validator(mode="after")
+    def _darknet_width(self) -> "YoloParams":
+        if self.backend == "darknet" and not self.weights:
+            w = self.width_multiple
+            if w is None or abs(32 * w - round(32 * w)) > 1e-6 or round(32 * w) < 1:
+                raise ValueError(f"teachers.yolo.width_multiple: {w} cannot size the bootstrapped darknet; "
+                                 "32 x width_multiple must be a positive integer (e.g. 0.125, 0.25, 1.0)")
+        return self
 
 
 class ClipBootstrapParams(_Section):

@@ -323,7 +323,7 @@ def _train_darknet(params: Params, ds: CanonicalDataset, out: Path, teacher: str
         targets.append((torch.from_numpy(original_to_canvas_xyxy(boxes, lb)), torch.from_numpy(labels)))
     net = DarknetConfig(float(cfg.width_multiple), len(classes))
     model, stats = train_darknet(canvases, targets, net, epochs=boot.epochs, batch_size=boot.batch_size,
-                                 lr=boot.lr, crop=boot.crop or size, gen=gen)
+                                 lr=boot.lr, crop=boot.crop or size, gen=gen, progress=params.progress)
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out)
     return {"backend": "darknet", "width": net.width, "classes": classes, "input_size": size,
             "crop": boot.crop or size, "epochs": boot.epochs, "labels": boot.labels,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from grounding.teachers.detectors.darknet import HEADS, N_PRED, DarknetConfig, DarknetYolo
+from grounding.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,9 @@ def _crop(canvas: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, crop:
 
 def train_darknet(canvases: list[torch.Tensor], targets: list[tuple[torch.Tensor, torch.Tensor]],
                   cfg: DarknetConfig, *, epochs: int, batch_size: int, lr: float, crop: int,
-                  gen: torch.Generator) -> tuple[DarknetYolo, dict[str, Any]]:
-    """Train a fresh network on normalised canvases (3, S, S) and their ``(boxes xyxy canvas px, labels)``."""
+                  gen: torch.Generator, progress: bool = True) -> tuple[DarknetYolo, dict[str, Any]]:
+    """Train a fresh network on normalised canvases (3, S, S) and their ``(boxes xyxy canvas px, labels)``;
+    ``progress``: one bar over every epoch's images (rows/s, ETA, running loss)."""
     model = DarknetYolo(cfg)
     steps_per_epoch = math.ceil(len(canvases) / batch_size)
     total = steps_per_epoch * epochs
@@ -122,6 +124,7 @@ def train_darknet(canvases: list[torch.Tensor], targets: list[tuple[torch.Tensor
     model.train()
     losses: list[float] = []
     t0 = time.perf_counter()
+    bar = progress_bar(epochs * len(canvases), "bootstrap-yolo", unit="img", enabled=progress)
     for epoch in range(epochs):
         order = torch.randperm(len(canvases), generator=gen).tolist()
         for s in range(steps_per_epoch):
@@ -141,8 +144,11 @@ def train_darknet(canvases: list[torch.Tensor], targets: list[tuple[torch.Tensor
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            bar.update(len(imgs))
+            bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
         log.info("bootstrap darknet: epoch %d/%d loss %.2f (%.0f s)", epoch + 1, epochs,
                  float(np.mean(losses[-steps_per_epoch:])), time.perf_counter() - t0)
+    bar.close()
     model.eval()
     return model, {"steps": total, "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
                    "first_loss": round(float(np.mean(losses[:steps_per_epoch])), 4)}

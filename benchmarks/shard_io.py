@@ -3,7 +3,13 @@
 plain h5py row indexing, all measured side by side in one run. Prints a markdown table of ratios and
 writes ``benchmarks/out/shard_io.json``.
 
-    python benchmarks/shard_io.py [--rows 200000] [--reads 20000] [--dim 512]
+It also measures what the reader's trust checks cost (issue 19: per-shard schema / offsets / content key /
+generation checks when a set is opened, identity check when a shard file is opened): the same random reads
+through ``ShardSet(path)`` and ``ShardSet(path, check=False)``, alternated over ``--rounds`` rounds (best
+and median),
+both warm (files already open) and cold (open the set, then read: every shard is checked and opened).
+
+    python benchmarks/shard_io.py [--rows 200000] [--reads 20000] [--dim 512] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -29,7 +35,47 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def bench(rows: int, reads: int, dim: int, rows_per_shard: int, per_file_rows: int, workdir: Path) -> dict:
+def check_cost(path: Path, keys: list[str], order: np.ndarray, rounds: int) -> dict:
+    """Seconds (best and median of ``rounds``) of the same random reads with and without the reader's
+    checks, alternated."""
+    def cold(check: bool) -> float:
+        t0 = time.perf_counter()
+        s = ShardSet(path, check=check)
+        for i in order:
+            s.get(keys[i])
+        t = time.perf_counter() - t0
+        s.close()
+        return t
+
+    warm_sets = {c: ShardSet(path, check=c) for c in (True, False)}
+    for s in warm_sets.values():
+        for i in order:
+            s.get(keys[i])
+
+    def warm(check: bool) -> float:
+        s = warm_sets[check]
+        t0 = time.perf_counter()
+        for i in order:
+            s.get(keys[i])
+        return time.perf_counter() - t0
+
+    out: dict[str, float] = {}
+    for name, fn in (("warm", warm), ("cold", cold)):
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for c in ((True, False) if r % 2 == 0 else (False, True)):
+                times[c].append(fn(c))
+        for stat, f in (("", np.min), ("median_", np.median)):  # best of N: timing noise only adds
+            out[f"{name}_{stat}checked_s"] = float(f(times[True]))
+            out[f"{name}_{stat}unchecked_s"] = float(f(times[False]))
+            out[f"{name}_{stat}cost"] = out[f"{name}_{stat}checked_s"] / out[f"{name}_{stat}unchecked_s"] - 1
+    for s in warm_sets.values():
+        s.close()
+    return out
+
+
+def bench(rows: int, reads: int, dim: int, rows_per_shard: int, per_file_rows: int, workdir: Path,
+          rounds: int = 5) -> dict:
     rng = np.random.default_rng(0)
     data = rng.standard_normal((rows, dim)).astype(np.float16)
     keys = [f"r{i:07d}" for i in range(rows)]
@@ -81,7 +127,9 @@ def bench(rows: int, reads: int, dim: int, rows_per_shard: int, per_file_rows: i
     # check that the rows read are the rows written
     np.testing.assert_array_equal(s.get(keys[123])["embedding"], data[123])
     rate = {k: reads / v for k, v in times.items()}
+    checks = check_cost(workdir / "shards", keys, order, rounds)
     return {
+        "checks": checks, "rounds": rounds,
         "rows": rows, "dim": dim, "reads": reads, "rows_per_shard": rows_per_shard,
         "write_MB_per_s": mb / t_write, "write_rows_per_s": rows / t_write,
         "reads_per_s": rate,
@@ -108,6 +156,12 @@ def table(r: dict) -> str:
         "",
         f"`ShardSet.get` vs one .npy per row: {r['ratio_shardset_vs_npy_per_row']:.1f}x. "
         f"Write: {r['write_MB_per_s']:.0f} MB/s ({r['write_rows_per_s']:,.0f} rows/s) through `ShardWriter`.",
+        "",
+        f"Reader checks (best of {r['rounds']} alternated rounds of the {r['reads']:,} reads; median in "
+        f"brackets): warm {r['checks']['warm_checked_s']:.3f} s vs {r['checks']['warm_unchecked_s']:.3f} s without "
+        f"({r['checks']['warm_cost']:+.1%} [{r['checks']['warm_median_cost']:+.1%}]); open the set + reads "
+        f"{r['checks']['cold_checked_s']:.3f} s vs {r['checks']['cold_unchecked_s']:.3f} s "
+        f"({r['checks']['cold_cost']:+.1%} [{r['checks']['cold_median_cost']:+.1%}]).",
     ])
 
 
@@ -118,11 +172,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--rows-per-shard", type=int, default=16_384)
     ap.add_argument("--per-file-rows", type=int, default=20_000, help="rows written as .npy files")
+    ap.add_argument("--rounds", type=int, default=5, help="alternated rounds of the check-cost timing")
     ap.add_argument("--out", default="benchmarks/out/shard_io.json")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shard_io_"))
     try:
-        r = bench(a.rows, a.reads, a.dim, a.rows_per_shard, min(a.per_file_rows, a.rows), work)
+        r = bench(a.rows, a.reads, a.dim, a.rows_per_shard, min(a.per_file_rows, a.rows), work, a.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ err = Console(stderr=True, width=_WIDTH)
 
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file")
 SetOpt = typer.Option(None, "--set", "-s", help="override a param: key.path=value (repeatable)")
+WaitOpt = typer.Option(False, "--wait", help="wait for another writer of the same output to finish "
+                       "(default: fail at once naming it)")
 
 
 def _params(path: str, overrides: list[str] | None) -> C.Params:
@@ -54,24 +56,31 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 @app.command("run")
 def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding stages`)"),
               params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
-              deps: bool = typer.Option(True, "--deps/--no-deps", help="bring upstream stages up to date first")) -> None:
+              deps: bool = typer.Option(True, "--deps/--no-deps", help="bring upstream stages up to date first"),
+              wait: bool = WaitOpt) -> None:
     """Run one stage (or reuse its cached output) and print where the output is."""
     from grounding import stages
-    from grounding.data.schema import DataError
-    from grounding.shards import ShardError
 
-    p = _params(params, set_)
+    p = _params(params, [*(set_ or []), *(["shards.wait=true"] if wait else [])])
     try:
         names = stages.plan([stage]) if deps else [stages.get(stage).name]
     except KeyError as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
     for name in names:
-        try:
-            out = stages.run(name, p)
-        except (DataError, ShardError, C.ConfigError, OSError) as e:  # OSError: missing file, disk full, ...
-            resumable = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)  # disk full, I/O error
-            _fail(f"stage {name}: {e}" + (" (committed shards are kept; rerun to resume)" if resumable else ""))
+        out = _run_one(name, p)
         console.print(f"[green]{name}[/green] → {out}")
+
+
+def _run_one(name: str, p: C.Params) -> Path:
+    """``stages.run``; a known error (grounding.errors) becomes one line and exit code 1 (2: params)."""
+    from grounding import errors, stages
+
+    try:
+        return stages.run(name, p)
+    except errors.KNOWN as e:  # OSError: missing file, disk full, ...
+        msg, code = errors.one_line(e, f"stage {name}")
+        _fail(msg, code)
+        raise  # unreachable: _fail exits
 
 
 @app.command("stages")
@@ -87,18 +96,19 @@ def list_stages() -> None:
 
 @app.command("demo")
 def demo(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
-         render_dir: str = typer.Option("data/demo", help="where the example picture goes")) -> None:
+         render_dir: str = typer.Option("data/demo", help="where the example picture goes"),
+         wait: bool = WaitOpt) -> None:
     """Run the main job (every stage of the pipeline) on the configured dataset, the synthetic default
     unless params say otherwise, and print where each output is."""
     from grounding import stages
     from grounding.render import render_row
     from grounding.shards import ShardSet
 
-    p = _params(params, set_)
+    p = _params(params, [*(set_ or []), *(["shards.wait=true"] if wait else [])])
     t = Table("stage", "output", "rows")
     last = None
     for name in stages.PIPELINE:
-        out = stages.run(name, p)
+        out = _run_one(name, p)
         rows = "-"
         if (out / "manifest.json").exists():
             last = out
@@ -245,11 +255,15 @@ def summarize(arr: np.ndarray, max_values: int = 8) -> str:
 @shards_app.command("show")
 def shards_show(path: str, key: str) -> None:
     """One row: every field's dtype, shape and values (summarised when large)."""
+    from grounding.shards import ShardError
+
     s = _open(path)
     try:
         row = s.get(key)
     except KeyError as e:
         _fail(str(e.args[0]))
+    except (ShardError, OSError) as e:
+        _fail(str(e))
     si, ri = s.locate(key)
     t = Table("field", "dtype", "shape", "value", title=f"{key} ({s.manifest.shards[si].file}, row {ri})")
     for name, v in row.items():

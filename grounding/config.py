@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from types import UnionType
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 DATASET_FORMATS = ("synthetic", "refcoco", "refcoco+", "refcocog", "referit", "simrec", "transvg", "flickr30k")
 
@@ -20,8 +21,34 @@ class ConfigError(ValueError):
     """Bad parameters: the message names the key and the problem."""
 
 
+def _has_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v))
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (``int``, ``float``, a ``Literal`` of numbers), optionally in a
+    union with None or as a list's items, and not a boolean."""
+    args = get_args(annotation)
+    origin = get_origin(annotation)
+    if annotation in (int, float):
+        return True
+    if origin is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if origin in (Union, UnionType, list):
+        return any(_wants_number(a) for a in args if a is not type(None)) and bool not in args
+    return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """``true``/``false`` is never a number (pydantic would read ``rows_per_shard: true`` as 1)."""
+        if info.field_name is not None and _has_bool(v) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"a boolean ({v!r}) is not a number; write the number")
+        return v
 
 
 class DatasetParams(_Section):
@@ -50,10 +77,12 @@ class DatasetParams(_Section):
 class ShardParams(_Section):
     """Shard layout: rows per shard file (the unit of atomic writes and of resume); ``reuse_from``: names of
     other datasets whose committed sets of the same stage may donate shards with the same content address
-    (incremental extension into a new dataset name; growing a dataset in place needs nothing)."""
+    (incremental extension into a new dataset name; growing a dataset in place needs nothing); ``wait``: when
+    another writer holds a stage's output directory, wait for it instead of failing at once (``--wait``)."""
 
     rows_per_shard: int = Field(1024, ge=1)
     reuse_from: list[str] = Field(default_factory=list)
+    wait: bool = False  # another writer holds the output directory: wait for it (true) or fail at once naming it
 
 
 class PathParams(_Section):

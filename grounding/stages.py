@@ -103,7 +103,7 @@ def write_stage(
     desc = stage if part is None else f"{stage} [part {part[0] + 1}/{part[1]}]"
     sources = [out.parent / name for name in params.shards.reuse_from if name != out.name]
     with ShardWriter(out, spec, item_keys, progress=params.progress, desc=desc, shards=shards,
-                     item_hashes=hashes, reuse_from=sources) as w:
+                     item_hashes=hashes, reuse_from=sources, wait=params.shards.wait) as w:
         if w.complete:
             log.info("%s: up to date at %s (key %s)", stage, out, key[:12])
             return out

@@ -17,10 +17,13 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 
-from grounding import config, stages
+from grounding import config, errors, stages
 
 #: Deployment name -> the stages it must bring up to date (their upstream stages are added by `plan`).
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -83,9 +86,22 @@ def stage_task(name: str, params_doc: dict[str, Any]) -> str:
     """Run (or reuse) one stage; returns its output directory and logs "cache hit" when the stage's key
     check found its output up to date (whoever made it: DVC, Prefect or ``grounding run``)."""
     with cache_report() as report:
-        out = stages.run(name, config.from_dict(params_doc))
+        out = _run(name, params_doc)
+    if isinstance(out, State):
+        return out
     get_run_logger().info("%s: %s", name, "cache hit (up to date)" if report.hit(out) else f"ran → {out}")
     return str(out)
+
+
+def _run(name: str, params_doc: dict[str, Any]) -> Path | State:
+    """``stages.run``; a known error (grounding.errors) is logged as one line and returned as a Failed
+    state carrying that line (no traceback: the message names the file or key and the fix)."""
+    try:
+        return stages.run(name, config.from_dict(params_doc))
+    except errors.KNOWN as e:
+        msg, _ = errors.one_line(e, f"stage {name}")
+        get_run_logger().error("%s", msg)
+        return Failed(message=msg)
 
 
 @task(name="stage-part", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5],
@@ -93,7 +109,8 @@ def stage_task(name: str, params_doc: dict[str, Any]) -> str:
 def stage_part_task(name: str, params_doc: dict[str, Any], part: int, n_parts: int) -> str:
     """Write the shards ``i % n_parts == part`` of one stage (no manifest)."""
     with stages.shard_part(part, n_parts):
-        return str(stages.run(name, config.from_dict(params_doc)))
+        out = _run(name, params_doc)
+    return out if isinstance(out, State) else str(out)
 
 
 @flow(name="grounding-fan-out")
@@ -101,7 +118,10 @@ def fan_out_flow(name: str, params_doc: dict[str, Any], n_parts: int) -> str:
     """Run the parts of one stage concurrently on this flow's task runner, then commit."""
     futures = [stage_part_task.submit(name, params_doc, i, n_parts) for i in range(n_parts)]
     for f in futures:
-        f.result()
+        f.wait()
+    failed = [f.state for f in futures if f.state.is_failed()]
+    if failed:  # the part logged its one-line error; no traceback here
+        return Failed(message=failed[0].message)
     return stage_task(name, params_doc)
 
 
@@ -130,14 +150,22 @@ def grounding_flow(target: str = "all", params_file: str = "params.yaml", overri
     """
     log = get_run_logger()
     extra = [f"dataset.name={dataset}"] if dataset else []
-    params = config.load(params_file, [*(overrides or []), *extra])
+    try:
+        params = config.load(params_file, [*(overrides or []), *extra])
+    except config.ConfigError as e:  # one line naming the key, no traceback
+        msg, _ = errors.one_line(e)
+        log.error("%s", msg)
+        return Failed(message=msg)
     doc = params.model_dump(mode="json", by_alias=True)  # aliases (e.g. teachers.clip.model_config) re-validate
     outputs: dict[str, str] = {}
     for name in stages_for(target):
         if fan_out > 1 and stages.get(name).fan_out:
             runner = dask_runner(fan_out, dask_address)
-            outputs[name] = fan_out_flow.with_options(task_runner=runner)(name, doc, fan_out)
+            state = fan_out_flow.with_options(task_runner=runner)(name, doc, fan_out, return_state=True)
         else:
-            outputs[name] = stage_task(name, doc)
+            state = stage_task(name, doc, return_state=True)
+        if state.is_failed():  # a known error was logged as one line by the task; stop there, no traceback
+            return Failed(message=state.message)
+        outputs[name] = state.result()
         log.info("%s → %s", name, outputs[name])
     return outputs

@@ -1,5 +1,6 @@
 """Thin DVC entry points: each parses params.yaml (plus `key=value` overrides from argv) and calls
-grounding.stages.run. No logic lives here."""
+grounding.stages.run. No logic lives here. A known error (grounding.errors) is printed as one line naming
+the file or key and the fix; exit code 2 for bad parameters, 1 otherwise."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ def main(stage: str, argv: list[str] | None = None) -> None:
     """Run ``stage`` with ``params.yaml`` and ``key.path=value`` overrides from ``argv``."""
     import logging
 
-    from grounding import config, stages
+    from grounding import config, errors, stages
 
     # the stages' own INFO lines ("<stage>: up to date ...") show in `dvc repro`'s log; other libraries stay quiet
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grounding").setLevel(logging.INFO)
-    params = config.load("params.yaml", sys.argv[1:] if argv is None else argv)
-    print(stages.run(stage, params))
+    try:
+        params = config.load("params.yaml", sys.argv[1:] if argv is None else argv)
+        out = stages.run(stage, params)
+    except errors.KNOWN as e:
+        msg, code = errors.one_line(e, f"stage {stage}")
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+    print(out)

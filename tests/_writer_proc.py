@@ -1,7 +1,9 @@
 """Subprocess used by the resume test: writes a deterministic shard set, optionally slowly.
 
-usage: python tests/_writer_proc.py OUT_DIR N_ITEMS ROWS_PER_SHARD SLEEP_S COUNT_FILE
-Appends the number of rows it computed to COUNT_FILE when it finishes.
+usage: python tests/_writer_proc.py OUT_DIR N_ITEMS ROWS_PER_SHARD SLEEP_S COUNT_FILE [KEY [wait]]
+Appends the number of rows it computed to COUNT_FILE when it finishes. KEY (default ``test-key``) is the
+set's stage key (two keys: two runs with different params); ``wait``: wait for another writer of OUT_DIR
+instead of failing at once (the race tests in tests/test_shard_trust.py).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ def spec(rows_per_shard: int, key: str = "test-key") -> ShardSetSpec:
 
 def main() -> None:
     out, n, rps, sleep_s, count_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+    key = sys.argv[6] if len(sys.argv) > 6 else "test-key"
+    wait = len(sys.argv) > 7 and sys.argv[7] == "wait"
     keys = [f"img{i:05d}" for i in range(n)]
     computed = 0
-    with ShardWriter(out, spec(rps), keys, progress=False) as w:
+    with ShardWriter(out, spec(rps, key), keys, progress=False, wait=wait) as w:
         for k in w.todo():
             time.sleep(sleep_s)
             w.add(k, row(int(k[3:])))

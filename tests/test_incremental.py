@@ -25,7 +25,7 @@ from grounding import stages
 from grounding.data.schema import CanonicalDataset
 from grounding.shards import Manifest, ShardError, ShardSet, ShardSetSpec, ShardWriter, file_sha256, verify_shard_set
 from grounding.shards.keys import content_base
-from grounding.shards.manifest import MANIFEST
+from grounding.shards.manifest import FORMAT_VERSION, MANIFEST
 from grounding.shards.writer import SHARD_PATTERN
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -265,7 +265,7 @@ def test_writer_keeps_shards_with_unchanged_content(tmp_path: Path) -> None:
 def test_writer_content_keys_recorded_and_verified(tmp_path: Path) -> None:
     w, _ = _write(tmp_path / "s", 10)
     m = Manifest.load(tmp_path / "s")
-    assert m.format_version == 2 and m.content_base and len({s.content_key for s in m.shards}) == 3
+    assert m.format_version == FORMAT_VERSION and m.content_base and len({s.content_key for s in m.shards}) == 3
     with h5py.File(tmp_path / "s" / m.shards[0].file, "r") as f:
         assert f.attrs["content_key"] == m.shards[0].content_key and "stage_key" not in f.attrs
     doc = json.loads((tmp_path / "s" / MANIFEST).read_text())

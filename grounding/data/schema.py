@@ -54,6 +54,10 @@ class ImageRecord:
     def __post_init__(self) -> None:
         if not self.image_id:
             raise DataError("image record with an empty image_id")
+        for name in ("image_id", "path"):
+            why = unicode_problem(getattr(self, name))
+            if why:
+                raise DataError(f"image {printable(self.image_id)}: {name} {why}")
         if self.width <= 0 or self.height <= 0:
             raise DataError(f"image {self.image_id}: non-positive size {self.width}x{self.height}")
         if self.orientation not in ORIENTATIONS:
@@ -76,8 +80,29 @@ class RefRecord:
     def __post_init__(self) -> None:
         if not self.ref_id:
             raise DataError(f"sentence of image {self.image_id} has an empty ref_id")
+        for name in ("ref_id", "image_id", "text", "split", "category"):
+            value = getattr(self, name)
+            why = unicode_problem(value) if isinstance(value, str) else None
+            if why:
+                raise DataError(f"ref {printable(self.ref_id)}: {name} {why}")
         if not self.split:
             raise DataError(f"ref {self.ref_id}: empty split")
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored as UTF-8 (a lone surrogate, e.g. from a JSON ``"\\ud800"`` escape or
+    bytes decoded with ``surrogateescape``), or None when it can."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"is not valid Unicode (lone surrogate U+{ord(value[e.start]):04X} at character {e.start}); "
+                f"fix the text in the source file")
+    return None
+
+
+def printable(value: object) -> str:
+    """``str(value)`` made storable as UTF-8 (lone surrogates written as ``\\udXXX``): for error records."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def normalize_text(text: str) -> str:
@@ -154,16 +179,35 @@ class CanonicalDataset:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``<directory>/dataset.json`` atomically; ``image_root`` is stored relative when inside."""
         directory = Path(directory)
+        head_fingerprint = self.fingerprint()  # fails before anything is created if a record is not storable
+        created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._save(directory, head_fingerprint)
+        except BaseException:
+            if created and not any(directory.iterdir()):  # a failure never leaves an empty output directory
+                directory.rmdir()
+            raise
+
+    def _save(self, directory: Path, fingerprint: str) -> Path:
         root = Path(self.image_root).resolve()
         try:
             root_str = root.relative_to(directory.resolve()).as_posix()
         except ValueError:
             root_str = str(root)
-        head = {"errors": self.errors, "fingerprint": self.fingerprint(), "format_version": FORMAT_VERSION,
+        head = {"errors": self.errors, "fingerprint": fingerprint, "format_version": FORMAT_VERSION,
                 "image_root": root_str}
         out = directory / DATASET_FILE
         tmp = out.with_suffix(".json.tmp")
+        try:
+            self._write(tmp, head)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, out)
+        return out
+
+    def _write(self, tmp: Path, head: dict[str, Any]) -> None:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             # One JSON document (keys in canonical order), laid out one record per line: see LINE_LAYOUT.
             f.write(canonical_json(head)[:-1] + ",\n")
@@ -173,8 +217,6 @@ class CanonicalDataset:
             f.write(canonical_json({"source": self.source})[1:] + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
-        return out
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, refs: bool = True) -> "CanonicalDataset":
@@ -506,10 +548,11 @@ class DatasetBuilder:
 
     def fail(self, item: str, file: str | os.PathLike[str] | None, reason: str) -> None:
         """Record a bad item (skip policy) or raise :class:`DataError` (fail policy)."""
-        where = f"{file}: " if file else ""
+        item, reason = printable(item), printable(reason)  # the record must be storable as UTF-8
+        where = f"{printable(file)}: " if file else ""
         if self.on_error == "fail":
             raise DataError(f"{where}{item}: {reason}")
-        self.errors.append({"item": item, "file": str(file or ""), "reason": reason})
+        self.errors.append({"item": item, "file": printable(file or ""), "reason": reason})
 
     def add_image(self, record: ImageRecord, *, file: str | os.PathLike[str] | None = None) -> bool:
         """Add an image; a duplicate id is a bad item. Returns whether it was added."""
@@ -550,6 +593,11 @@ class DatasetBuilder:
         if not isinstance(split, str) or not split.strip():
             self.fail(item, file, f"split {split!r} is not a non-empty string")
             return False
+        for name, value in (("ref_id", ref_id), ("text", text), ("split", split), ("category", category)):
+            why = unicode_problem(value) if isinstance(value, str) else None
+            if why:
+                self.fail(item, file, f"{name} {why}")
+                return False
         clean = normalize_text(text)
         if not any(unicodedata.category(c)[0] not in "ZC" for c in clean):  # nothing visible (ZWSP, BOM, ...)
             self.fail(item, file, "empty sentence")

@@ -5,6 +5,12 @@ and opens HDF5 files only when a row is read, once per process (so it can be cre
 forks and used inside its workers). Fixed-size fields are contiguous and uncompressed in the file, so they
 are read through a NumPy memmap at the dataset's file offset (PITFALLS.md: 0.95x a plain memmap, where
 h5py row indexing reaches 0.26x); ragged fields are read by slicing ``values`` between two ``offsets``.
+
+Trust (checked once per shard, never per row; grounding/shards/validate.py): when the set is opened each
+shard is compared with the manifest (content key, generation, dtype and shape of every field, ragged
+offsets) and its identity (device, inode, size, generation) is recorded; each later open of that shard
+(lazily, in this process or a DataLoader worker) checks that the file is still the one checked, so a set
+rewritten under an open reader raises :class:`ShardError` instead of mixing rows of two writes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import h5py
 import numpy as np
 
 from grounding.shards.manifest import FieldSpec, Manifest, ShardError
+from grounding.shards.validate import ShardIdentity, identity, shard_problems
 
 
 _OPEN_SETS: "weakref.WeakSet[ShardSet]" = weakref.WeakSet()
@@ -34,8 +41,11 @@ os.register_at_fork(after_in_child=_forget_handles_after_fork)  # never reuse a 
 class ShardSet:
     """Read access to one shard set directory. Rows are ``dict[field name, np.ndarray]``."""
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = False, check: bool = True) -> None:
+        """``verify=True`` also re-hashes every shard first. ``check=False`` skips the per-shard checks
+        (schema, offsets, content key, generation, identity on reopen): only to measure what they cost."""
         self.path = Path(path)
+        self.check = check
         if verify:
             from grounding.shards.verify import verify_shard_set
 
@@ -46,6 +56,7 @@ class ShardSet:
         self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
         self._keys: list[str] = []
         self._where: dict[str, tuple[int, int]] = {}
+        self._identity: list[ShardIdentity | None] = []
         for si, shard in enumerate(self.manifest.shards):
             file = self.path / shard.file
             if not file.exists():
@@ -53,10 +64,16 @@ class ShardSet:
             try:
                 with h5py.File(file, "r") as f:
                     keys = [k.decode("utf-8") for k in f["key"][()]]
-            except (OSError, KeyError) as e:
+                    ident = identity(f) if check else None
+                    problems = shard_problems(f, self.manifest, shard, keys, ident) if check else []
+            except (OSError, KeyError, ValueError, UnicodeDecodeError) as e:
                 raise ShardError(f"{file}: cannot read shard ({e})") from None
+            if problems:
+                raise ShardError(f"{self.path}: {problems[0]}" + (f" (+{len(problems) - 1} more; run `grounding "
+                                                                  f"shards verify`)" if len(problems) > 1 else ""))
             if len(keys) != shard.rows:
                 raise ShardError(f"{file}: {len(keys)} rows, manifest says {shard.rows}")
+            self._identity.append(ident)
             for ri, k in enumerate(keys):
                 if k in self._where:
                     raise ShardError(f"{self.path}: key {k!r} appears twice")
@@ -81,8 +98,21 @@ class ShardSet:
         f = self._files.get(si)
         if f is None:
             f = h5py.File(self.path / self.manifest.shards[si].file, "r")
+            if self.check:
+                self._check_same_file(si, f)
             self._files[si] = f
         return f
+
+    def _check_same_file(self, si: int, f: h5py.File) -> None:
+        """The file opened now under shard ``si``'s name is the one checked when the set was opened."""
+        then, now = self._identity[si], identity(f)
+        if then is not None and (now.dev, now.ino, now.size, now.generation) != (then.dev, then.ino, then.size,
+                                                                                  then.generation):
+            f.close()
+            raise ShardError(
+                f"{self.path}: {self.manifest.shards[si].file} changed since this reader opened the set "
+                f"(generation {then.generation} -> {now.generation}, inode {then.ino} -> {now.ino}, size "
+                f"{then.size} -> {now.size}): the set was rewritten; open it again")
 
     def _memmap(self, si: int, name: str) -> np.ndarray | None:
         """A read-only memmap of a contiguous fixed field of shard ``si`` (None when not mappable)."""
@@ -93,8 +123,8 @@ class ShardSet:
             if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
                 self._maps[key] = None
             else:
-                mm = np.memmap(self.path / self.manifest.shards[si].file, mode="r",
-                               dtype=dset.dtype, offset=offset, shape=dset.shape)
+                with os.fdopen(os.dup(self._file(si).id.get_vfd_handle()), "rb") as fh:  # the checked file
+                    mm = np.memmap(fh, mode="r", dtype=dset.dtype, offset=offset, shape=dset.shape)
                 self._maps[key] = mm.view(np.ndarray)  # plain view: indexing skips memmap's overhead
         return self._maps[key]
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from grounding.shards.keys import file_sha256
 from grounding.shards.manifest import Manifest, ShardError, ShardInfo
+from grounding.shards.validate import shard_problems
 
 
 @dataclass
@@ -67,45 +67,14 @@ def verify_shard_set(path: str | os.PathLike[str], *, progress: bool = False) ->
 def _check_shard(file: Path, m: Manifest, shard: ShardInfo, seen: set[str]) -> list[str]:
     problems: list[str] = []
     name = file.name
-    rows, first, last = shard.rows, shard.first_key, shard.last_key
     try:
         with h5py.File(file, "r") as f:
-            if int(f.attrs.get("format_version", -1)) != m.format_version:
-                problems.append(f"{name}: format_version {f.attrs.get('format_version')!r}, "
-                                f"manifest says {m.format_version}")
-            if m.format_version >= 2:  # shards carry their content address, not the set's key
-                if not shard.content_key or f.attrs.get("content_key") != shard.content_key:
-                    problems.append(f"{name}: content key {f.attrs.get('content_key')!r}, "
-                                    f"manifest says {shard.content_key!r}")
-            elif f.attrs.get("stage_key") != m.stage_key:
-                problems.append(f"{name}: written for stage key {f.attrs.get('stage_key')!r}, not {m.stage_key}")
             keys = [k.decode("utf-8") for k in f["key"][()]]
-            if len(keys) != rows:
-                problems.append(f"{name}: {len(keys)} keys, manifest says {rows}")
-            if keys and (keys[0] != first or keys[-1] != last):
-                problems.append(f"{name}: key range {keys[0]}..{keys[-1]}, manifest says {first}..{last}")
+            problems.extend(shard_problems(f, m, shard, keys))  # size: checked above
             dup = seen.intersection(keys)
             if dup:
                 problems.append(f"{name}: keys also in another shard: {sorted(dup)[:3]}")
             seen.update(keys)
-            for spec in m.fields:
-                if spec.name not in f:
-                    problems.append(f"{name}: field {spec.name} missing")
-                    continue
-                if spec.ragged:
-                    g = f[spec.name]
-                    vals, offs = g["values"], g["offsets"][()]
-                    if vals.dtype != spec.np_dtype or vals.shape[1:] != spec.shape:
-                        problems.append(f"{name}: {spec.name} values {vals.dtype}{vals.shape}, "
-                                        f"schema {spec.dtype}(K, {spec.shape})")
-                    if len(offs) != len(keys) + 1 or (len(offs) and (offs[0] != 0 or offs[-1] != vals.shape[0]
-                                                                      or np.any(np.diff(offs) < 0))):
-                        problems.append(f"{name}: {spec.name} offsets are inconsistent with {vals.shape[0]} values")
-                else:
-                    d = f[spec.name]
-                    if d.dtype != spec.np_dtype or d.shape != (len(keys), *spec.shape):
-                        problems.append(f"{name}: {spec.name} is {d.dtype}{d.shape}, "
-                                        f"schema {spec.dtype}{(len(keys), *spec.shape)}")
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, UnicodeDecodeError) as e:
         problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
     return problems

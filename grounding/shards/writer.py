@@ -42,7 +42,9 @@ import h5py
 import numpy as np
 
 from grounding import __version__
+from grounding.shards.generation import USERBLOCK, file_generation, generation_of, stamp, userblock
 from grounding.shards.keys import file_sha256, shard_key
+from grounding.shards.lock import DirLock
 from grounding.shards.manifest import (
     FORMAT_VERSION,
     LEVELS,
@@ -92,7 +94,7 @@ class ShardSetSpec:
 
 def is_complete(out_dir: str | os.PathLike[str], stage_key: str) -> bool:
     """True when ``out_dir`` holds a committed shard set with this key whose shard files are all present
-    with their recorded sizes (cheap check; ``verify`` re-hashes)."""
+    with their recorded sizes and the manifest's generation (cheap check; ``verify`` re-hashes)."""
     out = Path(out_dir)
     try:
         m = Manifest.load(out)
@@ -100,16 +102,27 @@ def is_complete(out_dir: str | os.PathLike[str], stage_key: str) -> bool:
         return False
     if m.stage_key != stage_key or m.format_version != FORMAT_VERSION:  # an older format is rewritten
         return False
-    return all((out / s.file).is_file() and (out / s.file).stat().st_size == s.size for s in m.shards)
+    try:
+        return all((out / s.file).is_file() and (out / s.file).stat().st_size == s.size
+                   and file_generation(out / s.file) == m.generation for s in m.shards)
+    except OSError:
+        return False
 
 
 class ShardWriter:
-    """Writes one shard set; see the module docstring. Not thread-safe; one writer per directory."""
+    """Writes one shard set; see the module docstring. Not thread-safe.
+
+    One writer per directory: the writer holds ``<out_dir>/.grounding-lock`` (grounding/shards/lock.py)
+    from construction until it commits, fails or is closed; a second writer raises
+    :class:`~grounding.shards.lock.LockHeld` naming the holder, or waits for it with ``wait=True``. Only
+    a writer holding the lock exclusively removes temporaries (they are then a dead writer's), and the
+    commit re-hashes every shard it lists against what this writer wrote or checked."""
 
     def __init__(self, out_dir: str | os.PathLike[str], spec: ShardSetSpec, item_keys: Sequence[str],
                  *, progress: bool = True, desc: str | None = None, shards: Collection[int] | None = None,
                  item_hashes: Sequence[str] | None = None,
-                 reuse_from: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None) -> None:
+                 reuse_from: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+                 wait: bool = False) -> None:
         """``shards`` restricts this writer to some shard indices (fan-out: several processes write
         disjoint parts of one set, then a final writer without ``shards`` commits the manifest); a
         restricted writer touches only its own shard files and never commits.
@@ -117,7 +130,9 @@ class ShardWriter:
         ``item_hashes`` (one content hash per item key, with ``spec.content_base`` set) makes shard
         addresses independent of the dataset as a whole, so shards of a previous set whose members are
         unchanged are kept (same directory) or copied (from the committed sets named in ``reuse_from``)
-        instead of recomputed."""
+        instead of recomputed.
+
+        ``wait``: when another writer holds the directory, wait for it instead of failing at once."""
         keys = [str(k) for k in item_keys]
         if len(set(keys)) != len(keys):
             dup = next(k for i, k in enumerate(keys) if k in keys[:i])
@@ -125,6 +140,9 @@ class ShardWriter:
         nul = next((k for k in keys if "\x00" in k), None)
         if nul is not None:  # keys are stored as fixed-width bytes, which cannot hold a trailing NUL
             raise ValueError(f"item key {nul!r} given to the writer of {spec.stage} contains a NUL character")
+        bad = next((k for k in keys if not _utf8_ok(k)), None)
+        if bad is not None:  # keys are stored as UTF-8 bytes
+            raise ValueError(f"item key {bad!r} given to the writer of {spec.stage} is not valid Unicode (lone surrogate)")
         if (item_hashes is None) != (not spec.content_base):
             raise ValueError(f"{spec.stage}: item_hashes and spec.content_base go together (got "
                              f"{'no ' if item_hashes is None else ''}item hashes, content_base={spec.content_base!r})")
@@ -163,7 +181,24 @@ class ShardWriter:
         self._cursor = 0  # index into self.keys of the next expected item
         self._shard = -1
         self._bar = None
-        self._prepare_dir()
+        self.generation = generation_of(spec.stage_key)
+        self._created_dir = not self.out.exists()
+        self._lock = DirLock(self.out, shared=self.partial)
+        self._lock.acquire(wait=wait)
+        try:
+            self._prepare_dir()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        if self.complete:
+            self.close()  # nothing to write: let the next writer in
+
+    def close(self, *, failed: bool = False) -> None:
+        """Release the directory's lock (idempotent). After a failure a directory this writer created and
+        left empty is removed, so a failed run never leaves an empty output directory behind."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release(remove_dir_if_empty=failed and self._created_dir)
 
     # ---- set-up and resume ---------------------------------------------------------------------------
     def _prepare_dir(self) -> None:
@@ -176,10 +211,11 @@ class ShardWriter:
         if manifest.exists():  # a different (stale) or damaged set: un-commit it first, then clean up
             manifest.unlink(missing_ok=True)
             fsync_dir(self.out)
-        mine = {SHARD_PATTERN.format(i) for i in self._mine}
-        for p in self.out.iterdir():  # leftovers of a killed run (only this writer's own shards)
-            if ".tmp" in p.name and (p.name.split(".tmp")[0] in mine
-                                     or (not self.partial and p.name.startswith(("shard-", "manifest")))):
+        own = f".tmp-{os.getpid()}"
+        for p in self.out.iterdir():  # leftovers of killed runs: with the exclusive lock no other writer is
+            # alive, so every temporary is a dead one's; a fan-out part (shared lock) removes only its own
+            if ".tmp" in p.name and p.name.startswith(("shard-", "manifest")) and (
+                    not self.partial or p.name.endswith(own)):
                 p.unlink(missing_ok=True)
         sources = self._reuse_index()
         for i in sorted(self._mine):
@@ -262,6 +298,8 @@ class ShardWriter:
         if not ok:
             path.unlink()
             return None
+        if info is not None and stamp(path, self.generation):  # kept into a set of another generation
+            info = _shard_info(path, keys, start, count, self._content_keys[i])
         self._errors[i] = errors
         return info
 
@@ -321,7 +359,8 @@ class ShardWriter:
                              f"(set on_error: skip to record it and go on)")
         self._expect(str(key))
         self.rows_added += 1
-        self._buf_errors.append({"item": str(key), "reason": reason})
+        self._buf_errors.append({"item": str(key), "reason": str(reason).encode("utf-8", "backslashreplace")
+                                 .decode("utf-8")})  # storable in the manifest whatever the message holds
         self._after_item()
 
     def _check_row(self, key: str, row: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -359,7 +398,7 @@ class ShardWriter:
         self._buf_rows, self._buf_errors = [], []
         path = self.out / SHARD_PATTERN.format(i)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        write_shard_file(tmp, self.spec, rows, errors, start, count, self._content_keys[i])
+        write_shard_file(tmp, self.spec, rows, errors, start, count, self._content_keys[i], self.generation)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -370,6 +409,7 @@ class ShardWriter:
     def commit(self) -> Manifest:
         """Write the manifest once every shard exists; returns it."""
         if self.partial:
+            self.close()  # a part is done once its shards are written
             raise ShardError(f"{self.spec.stage}: a writer restricted to some shards cannot commit the set")
         if self.complete:
             assert self.manifest is not None
@@ -377,6 +417,13 @@ class ShardWriter:
         missing = [i for i in range(self.n_shards) if i not in self._done]
         if missing:
             raise ShardError(f"{self.spec.stage}: cannot commit, shards {missing[:5]} not written")
+        for i in range(self.n_shards):  # what is committed is what this writer wrote or checked
+            info, path = self._done[i], self.out / self._done[i].file
+            now = (path.stat().st_size, file_sha256(path)) if path.is_file() else (None, None)
+            if now != (info.size, info.sha256):
+                raise ShardError(f"{path}: changed on disk since this writer wrote it (sha256 {str(now[1])[:12]}…, "
+                                 f"expected {info.sha256[:12]}…); did another process write into {self.out}? "
+                                 f"Nothing committed; rerun")
         s = self.spec
         manifest = Manifest(
             stage=s.stage, stage_key=s.stage_key, level=s.level, fields=list(s.fields),
@@ -384,9 +431,11 @@ class ShardWriter:
             params=dict(s.params), inputs=dict(s.inputs), extra=dict(s.extra),
             errors=[e for i in range(self.n_shards) for e in self._errors.get(i, [])],
             rows_per_shard=s.rows_per_shard, package_version=__version__, content_base=s.content_base,
+            generation=self.generation,
         )
         manifest.save(self.out)
         self.manifest = manifest
+        self.close()
         return manifest
 
     def __enter__(self) -> "ShardWriter":
@@ -400,8 +449,21 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._bar is not None:
             self._bar.close()
-        if exc_type is None and not self.partial:
-            self.commit()
+        try:
+            if exc_type is None and not self.partial:
+                self.commit()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        self.close(failed=exc_type is not None)
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _committed_shards(directory: Path) -> dict[str, ShardInfo]:
@@ -422,14 +484,17 @@ def _shard_info(path: Path, keys: list[str], start: int, count: int, content_key
 
 
 def write_shard_file(path: Path, spec: ShardSetSpec, rows: list[tuple[str, dict[str, np.ndarray]]],
-                     errors: list[dict[str, str]], item_start: int, item_count: int, content_key: str) -> None:
+                     errors: list[dict[str, str]], item_start: int, item_count: int, content_key: str,
+                     generation: str) -> None:
     """Write one HDF5 shard with a deterministic layout: ``key`` (fixed-width UTF-8 bytes), one contiguous
     uncompressed dataset per fixed field, ``<field>/values`` + ``<field>/offsets`` (int64), both contiguous,
     per ragged field; no timestamps. The attributes name the stage and the shard's content address, nothing
-    set-level (no stage key), so the same items give the same file in any set that contains them."""
+    set-level (no stage key), so the same items give the same file in any set that contains them; the set's
+    generation lies in the 512-byte user block before the HDF5 data (re-stamped when a shard is kept)."""
     keys = [k.encode("utf-8") for k, _ in rows]
     width = max((len(k) for k in keys), default=1)
-    with h5py.File(path, "w", libver="earliest", track_order=False) as f:
+    block = userblock(generation)
+    with h5py.File(path, "w", libver="earliest", track_order=False, userblock_size=USERBLOCK) as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["stage"] = spec.stage
         f.attrs["content_key"] = content_key
@@ -451,3 +516,5 @@ def write_shard_file(path: Path, spec: ShardSetSpec, rows: list[tuple[str, dict[
             # metadata-cache order, which made the same content give different bytes in another process.
             g.create_dataset("values", data=values, track_times=False)
             g.create_dataset("offsets", data=offsets, track_times=False)
+    with open(path, "r+b") as fh:
+        fh.write(block)

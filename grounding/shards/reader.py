@@ -4,7 +4,10 @@
 and opens HDF5 files only when a row is read, once per process (so it can be created before a DataLoader
 forks and used inside its workers). Fixed-size fields are contiguous and uncompressed in the file, so they
 are read through a NumPy memmap at the dataset's file offset (PITFALLS.md: 0.95x a plain memmap, where
-h5py row indexing reaches 0.26x); ragged fields are read by slicing ``values`` between two ``offsets``.
+h5py row indexing reaches 0.26x). Ragged fields are mapped the same way: their ``offsets`` are loaded once per
+shard and ``values`` (contiguous, uncompressed: writer.py) is mapped at its file offset, so a ragged row is
+two slices (issue 23: h5py group lookups and offset reads per row made them 0.03x a memmap).
+:meth:`ShardSet.get_many` reads many keys grouped by shard and file offset.
 
 Trust (checked once per shard, never per row; grounding/shards/validate.py): when the set is opened each
 shard is compared with the manifest (content key, generation, dtype and shape of every field, ragged
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -32,7 +35,7 @@ _OPEN_SETS: "weakref.WeakSet[ShardSet]" = weakref.WeakSet()
 
 def _forget_handles_after_fork() -> None:
     for s in list(_OPEN_SETS):
-        s._files, s._maps = {}, {}
+        s._files, s._maps, s._mapped = {}, {}, {}
 
 
 os.register_at_fork(after_in_child=_forget_handles_after_fork)  # never reuse a parent's HDF5 handles
@@ -80,14 +83,15 @@ class ShardSet:
                 self._where[k] = (si, ri)
             self._keys.extend(keys)
         self._files: dict[int, h5py.File] = {}
-        self._maps: dict[tuple[int, str], np.ndarray | None] = {}
+        self._maps: dict[tuple[int, str], Callable[[int], np.ndarray]] = {}  # (shard, field) -> row reader
+        self._mapped: dict[tuple[int, str], np.ndarray | None] = {}
         self._field_names = tuple(self.fields)
         _OPEN_SETS.add(self)
 
     # ---- pickling (DataLoader workers reopen files themselves) ----------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_files={}, _maps={})
+        state.update(_files={}, _maps={}, _mapped={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -114,24 +118,63 @@ class ShardSet:
                 f"(generation {then.generation} -> {now.generation}, inode {then.ino} -> {now.ino}, size "
                 f"{then.size} -> {now.size}): the set was rewritten; open it again")
 
-    def _memmap(self, si: int, name: str) -> np.ndarray | None:
-        """A read-only memmap of a contiguous fixed field of shard ``si`` (None when not mappable)."""
-        key = (si, name)
-        if key not in self._maps:
-            dset = self._file(si)[name]
-            offset = dset.id.get_offset()
-            if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
-                self._maps[key] = None
+    def _values_map(self, si: int, dset: h5py.Dataset) -> np.ndarray | None:
+        """A read-only plain-ndarray view of a contiguous, uncompressed dataset of shard ``si`` mapped at its
+        file offset (through the checked file's own descriptor); None when it cannot be mapped (chunked,
+        compressed, or never allocated)."""
+        offset = dset.id.get_offset()
+        if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
+            return None
+        with os.fdopen(os.dup(self._file(si).id.get_vfd_handle()), "rb") as fh:
+            mm = np.memmap(fh, mode="r", dtype=dset.dtype, offset=offset, shape=dset.shape)
+        return mm.view(np.ndarray)  # plain view: indexing skips memmap's __array_finalize__ overhead
+
+    def _reader(self, si: int, name: str) -> Callable[[int], np.ndarray]:
+        """The row reader of field ``name`` in shard ``si``, built once per shard and process: fixed fields
+        are one memmap row, ragged fields two slices (offsets loaded once as a list, ``values`` mapped)."""
+        spec = self.fields.get(name)
+        if spec is None:
+            raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
+        f = self._file(si)
+        if spec.ragged:
+            g = f[name]
+            offs: list[int] = g["offsets"][()].tolist()
+            vals = self._values_map(si, g["values"])
+            if vals is None:  # not mappable (or no values at all): h5py slices, offsets still loaded once
+                h5vals = g["values"]
+                empty = np.zeros((0, *spec.shape), spec.np_dtype)
+
+                def read(ri: int) -> np.ndarray:
+                    lo, hi = offs[ri], offs[ri + 1]
+                    return h5vals[lo:hi] if hi > lo else empty.copy()
             else:
-                with os.fdopen(os.dup(self._file(si).id.get_vfd_handle()), "rb") as fh:  # the checked file
-                    mm = np.memmap(fh, mode="r", dtype=dset.dtype, offset=offset, shape=dset.shape)
-                self._maps[key] = mm.view(np.ndarray)  # plain view: indexing skips memmap's overhead
-        return self._maps[key]
+                def read(ri: int) -> np.ndarray:
+                    return vals[offs[ri]:offs[ri + 1]].copy()
+        else:
+            mm = self._values_map(si, f[name])
+            if mm is None:
+                h5 = f[name]
+
+                def read(ri: int) -> np.ndarray:
+                    return h5[ri]
+            else:
+                def read(ri: int) -> np.ndarray:
+                    return mm[ri].copy()
+        self._maps[(si, name)] = read
+        self._mapped[(si, name)] = vals if spec.ragged else mm
+        return read
+
+    def _memmap(self, si: int, name: str) -> np.ndarray | None:
+        """The mapped array behind field ``name`` of shard ``si`` (ragged: its ``values``); None when that
+        field is read through h5py instead. For tests and diagnostics."""
+        if (si, name) not in self._maps:
+            self._reader(si, name)
+        return self._mapped[(si, name)]
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files, self._maps = {}, {}
+        self._files, self._maps, self._mapped = {}, {}, {}
 
     def __enter__(self) -> "ShardSet":
         return self
@@ -167,26 +210,31 @@ class ShardSet:
             si, ri = self._where[key]
         except KeyError:
             raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
-        return {name: self._read(si, ri, name) for name in (fields or self._field_names)}
+        maps = self._maps
+        return {name: (maps.get((si, name)) or self._reader(si, name))(ri) for name in (fields or self._field_names)}
 
     def __getitem__(self, key: str) -> dict[str, np.ndarray]:
         return self.get(key)
 
     def _read(self, si: int, ri: int, name: str) -> np.ndarray:
-        mm = self._maps.get((si, name))
-        if mm is not None:  # hot path: a contiguous fixed field already mapped
-            return mm[ri].copy()
-        spec = self.fields.get(name)
-        if spec is None:
-            raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
-        if spec.ragged:
-            g = self._file(si)[name]
-            lo, hi = g["offsets"][ri:ri + 2]
-            return g["values"][int(lo):int(hi)]
-        mm = self._memmap(si, name)
-        if mm is not None:
-            return mm[ri].copy()
-        return self._files[si][name][ri]
+        return (self._maps.get((si, name)) or self._reader(si, name))(ri)
+
+    def get_many(self, keys: Sequence[str], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """The rows of ``keys`` in the order given (copies), read grouped by shard and in file order within
+        each shard (one reader lookup per shard and field, forward-only page access)."""
+        where = self._where
+        try:
+            loc = [where[k] for k in keys]
+        except KeyError as e:
+            raise KeyError(f"key {e.args[0]!r} not in shard set {self.path} ({len(self)} rows)") from None
+        names = tuple(fields or self._field_names)
+        out: list[dict[str, np.ndarray]] = [{} for _ in loc]
+        for i in sorted(range(len(loc)), key=loc.__getitem__):  # group by shard, then by row (= file offset)
+            si, ri = loc[i]
+            row = out[i]
+            for name in names:
+                row[name] = (self._maps.get((si, name)) or self._reader(si, name))(ri)
+        return out
 
     def column(self, name: str) -> np.ndarray | list[np.ndarray]:
         """A whole field in key order: one array for fixed fields, a list of arrays for ragged ones."""

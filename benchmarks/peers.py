@@ -12,13 +12,14 @@ chunks, no compression: the data are random and no other peer compresses). Three
 
 Figures, all measured in one run, side by side (peers alternated, so machine load hits all alike):
 
-* random single-row reads/s: every field of one row at a random position (ShardSet by key, the others by
-  position), each field an array the caller owns (LitData returns views into the chunk it holds in memory:
-  copied here; the np.memmap baseline is a plain ndarray view of the map, offsets as a Python list, the
-  fastest a user can write); best of ``--passes`` timed passes after a warm-up pass, each pass capped at
-  ``--read-cap`` s;
-* shuffled epoch rows/s through ``DataLoader(num_workers=2, batch_size=32)`` (rows turned into tensors in
-  the workers): ShardSet with :class:`ShardLocalSampler`, LitData with ``shuffle=True``, webdataset with
+* random single-row reads/s: every field of one row at a random position, each field an array the caller
+  owns. The peers read by position; ShardSet by row id (keys resolved once, as ShardDataset does) and, as a
+  second row, by key (``ShardSet.get``: a str dict lookup per read). LitData returns views into the chunk
+  it holds in memory: copied here. The np.memmap baseline is a plain ndarray view of the map with offsets
+  as a Python list, the fastest a user can write. Best of ``--passes`` timed passes (alternating the peer
+  order) after a warm-up pass, each pass capped at ``--read-cap`` s;
+* shuffled epoch rows/s through ``DataLoader(num_workers=2, batch_size=32)`` (each batch packed into one
+  tensor per field in the workers, the same collate for every peer): ShardSet with :class:`ShardLocalSampler`, LitData with ``shuffle=True``, webdataset with
   shard shuffle + a 1000-sample buffer, the others with a global random permutation; an epoch still running
   after ``--epoch-cap`` s is stopped and reported as partial;
 * write MB/s (payload bytes / wall time of the write) and bytes on disk.
@@ -58,6 +59,7 @@ WORKLOADS: dict[str, dict[str, tuple[str, tuple[int, ...], bool]]] = {
     "regions": {"features": ("float16", (1024,), True), "class_probs": ("float32", (1601,), True),
                 "boxes": ("float32", (4,), True)},
 }
+WORKLOAD_RAGGED = {f: rg for w in WORKLOADS.values() for f, (_, _, rg) in w.items()}
 ROWS = {"fixed": 20_000, "yolo": 2_000, "regions": 200}
 ROWS_PER_SHARD = {"fixed": 4096, "yolo": 512, "regions": 64}
 
@@ -78,12 +80,18 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
-def collate(batch: list[Any], names: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
-    """Rows as tensors (moved to the main process through shared memory), one dict per row."""
-    out = []
-    for b in batch:
-        row = b["s"] if "s" in b else b
-        out.append({n: torch.as_tensor(np.asarray(row[n])) for n in names})
+def collate(batch: list[Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """One tensor per field and batch (fixed fields stacked, ragged ones concatenated + ``<field>_lengths``),
+    so the worker-to-main transfer is a few shared-memory tensors per batch, the same for every peer."""
+    rows = [b["s"] if "s" in b else b for b in batch]
+    out: dict[str, Any] = {"n": len(rows)}
+    for n in names:
+        arrs = [np.asarray(r[n]) for r in rows]
+        if all(a.shape == arrs[0].shape for a in arrs) and not WORKLOAD_RAGGED.get(n, False):
+            out[n] = torch.from_numpy(np.stack(arrs))
+        else:
+            out[n] = torch.from_numpy(np.concatenate(arrs))
+            out[f"{n}_lengths"] = torch.tensor([len(a) for a in arrs])
     return out
 
 
@@ -157,8 +165,12 @@ class ShardSetPeer(Peer):
     def open(self) -> None:
         self.s = ShardSet(self.d)
         self.fields = list(self.spec)
+        self.rids = [self.s.row_id(k) for k in self.keys]  # keys resolved once, as ShardDataset does
 
     def get(self, i: int) -> Row:
+        return self.s.get_row(self.rids[i], self.fields)
+
+    def get_by_key(self, i: int) -> Row:
         return self.s.get(self.keys[i], self.fields)
 
     def loader(self, n: int, names: tuple[str, ...], seed: int) -> Iterable[Any]:
@@ -350,7 +362,7 @@ def timed_epoch(loader: Iterable[Any], n: int, cap_s: float) -> tuple[float, int
     seen = 0
     it = iter(loader)
     for batch in it:
-        seen += len(batch)
+        seen += batch["n"]
         if time.perf_counter() - t0 > cap_s:
             break
     dt = time.perf_counter() - t0
@@ -384,16 +396,23 @@ def run_workload(workload: str, n: int, work: Path, reads: int, passes: int, rea
         peers.append(p)
     del rows
     order = np.random.default_rng(seed + 1).integers(0, n, size=reads)
-    ra = [p for p in peers if p.random_access]
+    ra: list[Any] = [p for p in peers if p.random_access]
+    ss = next((p for p in peers if isinstance(p, ShardSetPeer)), None)
+    if ss is not None:  # also by key: a str dict lookup per read (random keys: cache misses)
+        by_key = type("ByKey", (), {"name": "ShardSet.get (by key)", "get": staticmethod(ss.get_by_key)})()
+        ra.insert(ra.index(ss) + 1, by_key)
+        res[by_key.name] = {"version": None}
     for p in ra:  # warm-up pass: page cache, lazy opens
         timed_reads(p.get, order, read_cap)
     best: dict[str, float] = {p.name: 0.0 for p in ra}
     for k in range(passes):
         for p in (ra if k % 2 == 0 else ra[::-1]):
             best[p.name] = max(best[p.name], timed_reads(p.get, order, read_cap))
+    for p in ra:
+        res[p.name]["random_reads_per_s"] = best[p.name]
     for p in peers:
         r = res[p.name]
-        r["random_reads_per_s"] = best.get(p.name)
+        r.setdefault("random_reads_per_s", None)
         try:
             rate, seen, complete = timed_epoch(p.loader(n, names, seed), n, epoch_cap)
             r.update(epoch_rows_per_s=rate, epoch_rows=seen, epoch_complete=complete)
@@ -434,6 +453,9 @@ def table(r: dict[str, Any]) -> str:
                 continue
             rr = ("n/a (no random access)" if p.get("random_reads_per_s") is None
                   else fmt(p["random_reads_per_s"], p.get("random_reads_per_s_vs_memmap")))
+            if "write_MB_per_s" not in p:  # a second way of reading the same files
+                lines.append(f"| {name} | {rr} | | | |")
+                continue
             if "epoch_error" in p:
                 ep = f"failed: {p['epoch_error']}"
             else:
@@ -455,7 +477,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every workload's row count")
     ap.add_argument("--workloads", default="fixed,yolo,regions")
-    ap.add_argument("--reads", type=int, default=20_000, help="random reads per pass (capped by --read-cap)")
+    ap.add_argument("--reads", type=int, default=100_000, help="random reads per pass (capped by --read-cap)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--read-cap", type=float, default=2.0, help="seconds per read pass")
     ap.add_argument("--epoch-cap", type=float, default=15.0, help="seconds before an epoch is cut short")

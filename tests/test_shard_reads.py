@@ -34,10 +34,10 @@ def test_ragged_rows_are_two_slices_of_mapped_values(tmp_path: Path) -> None:
         assert got["boxes"].shape == (i % 4, 4) and got["boxes"].dtype == np.float32
     assert all(s._memmap(si, "boxes") is not None for si in range(len(s.manifest.shards)))
     # the readers are built once per shard and field: reading again adds none
-    n = len(s._maps)
+    n = sum(len(r) for r in s._maps.values())
     for k in keys:
         s.get(k)
-    assert len(s._maps) == n == len(s.manifest.shards) * 3
+    assert sum(len(r) for r in s._maps.values()) == n == len(s.manifest.shards) * 3
 
 
 def test_get_many_keeps_the_order_given(tmp_path: Path) -> None:
@@ -51,8 +51,15 @@ def test_get_many_keeps_the_order_given(tmp_path: Path) -> None:
         assert set(r) == {"boxes", "label"}
         np.testing.assert_array_equal(r["boxes"], s.get(k)["boxes"])
         assert int(r["label"]) == int(k[3:]) % 7
+    rids = [s.row_id(k) for k in picked]
+    assert [ShardSet.shard_of(r) for r in rids] == [s.locate(k)[0] for k in picked]
+    for k, r, rr in zip(picked, rids, s.get_rows(rids)):
+        np.testing.assert_array_equal(rr["boxes"], s.get_row(r)["boxes"])
+        np.testing.assert_array_equal(rr["embedding"], s.get(k)["embedding"])
     with pytest.raises(KeyError, match="nope"):
         s.get_many([keys[0], "nope"])
+    with pytest.raises(KeyError, match="nope"):
+        s.row_id("nope")
     with pytest.raises(KeyError, match="no field 'bogus'"):
         s.get_many([keys[0]], ["bogus"])
 
@@ -68,17 +75,17 @@ def test_replaced_shard_is_still_refused_by_the_mapped_reader(tmp_path: Path) ->
         s.get(keys[6])
 
 
-def test_dataloader_batches_go_through_get_many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dataloader_batches_go_through_get_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keys = write(tmp_path / "s")
     ds = ShardDataset({"s": tmp_path / "s"})
     calls: list[int] = []
-    real = ShardSet.get_many
+    real = ShardSet.get_rows
 
-    def spy(self: ShardSet, ks, fields=None):  # noqa: ANN001
-        calls.append(len(ks))
-        return real(self, ks, fields)
+    def spy(self: ShardSet, ids, fields=None):  # noqa: ANN001
+        calls.append(len(ids))
+        return real(self, ids, fields)
 
-    monkeypatch.setattr(ShardSet, "get_many", spy)
+    monkeypatch.setattr(ShardSet, "get_rows", spy)
     dl = DataLoader(ds, batch_size=4, collate_fn=ds.collate, num_workers=0,
                     sampler=ShardLocalSampler(ds, buffer=3, seed=0))
     seen = []

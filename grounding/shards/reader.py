@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -31,6 +31,7 @@ from grounding.shards.validate import ShardIdentity, identity, shard_problems
 
 
 _OPEN_SETS: "weakref.WeakSet[ShardSet]" = weakref.WeakSet()
+_SHIFT, _MASK = 32, (1 << 32) - 1  # row ids: shard index in the high bits, row in the shard in the low 32
 
 
 def _forget_handles_after_fork() -> None:
@@ -58,7 +59,7 @@ class ShardSet:
         self.manifest = Manifest.load(self.path)
         self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
         self._keys: list[str] = []
-        self._where: dict[str, tuple[int, int]] = {}
+        self._where: dict[str, int] = {}  # key -> row id (shard << 32 | row): one int, no tuple to chase
         self._identity: list[ShardIdentity | None] = []
         for si, shard in enumerate(self.manifest.shards):
             file = self.path / shard.file
@@ -80,10 +81,10 @@ class ShardSet:
             for ri, k in enumerate(keys):
                 if k in self._where:
                     raise ShardError(f"{self.path}: key {k!r} appears twice")
-                self._where[k] = (si, ri)
+                self._where[k] = si << _SHIFT | ri
             self._keys.extend(keys)
         self._files: dict[int, h5py.File] = {}
-        self._maps: dict[tuple[int, str], Callable[[int], np.ndarray]] = {}  # (shard, field) -> row reader
+        self._maps: dict[int, dict[str, tuple[Any, list[int] | None]]] = {}  # shard -> field -> (values, offsets)
         self._mapped: dict[tuple[int, str], np.ndarray | None] = {}
         self._field_names = tuple(self.fields)
         _OPEN_SETS.add(self)
@@ -129,45 +130,31 @@ class ShardSet:
             mm = np.memmap(fh, mode="r", dtype=dset.dtype, offset=offset, shape=dset.shape)
         return mm.view(np.ndarray)  # plain view: indexing skips memmap's __array_finalize__ overhead
 
-    def _reader(self, si: int, name: str) -> Callable[[int], np.ndarray]:
-        """The row reader of field ``name`` in shard ``si``, built once per shard and process: fixed fields
-        are one memmap row, ragged fields two slices (offsets loaded once as a list, ``values`` mapped)."""
+    def _reader(self, si: int, name: str) -> tuple[Any, list[int] | None]:
+        """``(values, offsets)`` of field ``name`` in shard ``si``, built once per shard and process: a fixed
+        row is ``values[ri]``, a ragged row ``values[offsets[ri]:offsets[ri + 1]]`` (offsets loaded once as
+        a list; ``values`` a memmap view, or the h5py dataset when it cannot be mapped)."""
         spec = self.fields.get(name)
         if spec is None:
             raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
         f = self._file(si)
-        if spec.ragged:
-            g = f[name]
-            offs: list[int] = g["offsets"][()].tolist()
-            vals = self._values_map(si, g["values"])
-            if vals is None:  # not mappable (or no values at all): h5py slices, offsets still loaded once
-                h5vals = g["values"]
-                empty = np.zeros((0, *spec.shape), spec.np_dtype)
-
-                def read(ri: int) -> np.ndarray:
-                    lo, hi = offs[ri], offs[ri + 1]
-                    return h5vals[lo:hi] if hi > lo else empty.copy()
-            else:
-                def read(ri: int) -> np.ndarray:
-                    return vals[offs[ri]:offs[ri + 1]].copy()
-        else:
-            mm = self._values_map(si, f[name])
-            if mm is None:
-                h5 = f[name]
-
-                def read(ri: int) -> np.ndarray:
-                    return h5[ri]
-            else:
-                def read(ri: int) -> np.ndarray:
-                    return mm[ri].copy()
-        self._maps[(si, name)] = read
-        self._mapped[(si, name)] = vals if spec.ragged else mm
-        return read
+        dset = f[name]["values"] if spec.ragged else f[name]
+        offs: list[int] | None = f[name]["offsets"][()].tolist() if spec.ragged else None
+        mapped = self._values_map(si, dset)
+        if mapped is not None:
+            vals: Any = mapped
+        elif dset.shape[0] == 0:  # nothing stored (no rows or no values): an empty array slices like one
+            vals = np.zeros(dset.shape, dset.dtype)
+        else:  # chunked or compressed (not written by this writer): h5py reads
+            vals = dset
+        self._maps.setdefault(si, {})[name] = (vals, offs)
+        self._mapped[(si, name)] = mapped
+        return vals, offs
 
     def _memmap(self, si: int, name: str) -> np.ndarray | None:
         """The mapped array behind field ``name`` of shard ``si`` (ragged: its ``values``); None when that
         field is read through h5py instead. For tests and diagnostics."""
-        if (si, name) not in self._maps:
+        if name not in self._maps.get(si, {}):
             self._reader(si, name)
         return self._mapped[(si, name)]
 
@@ -199,6 +186,12 @@ class ShardSet:
 
     def locate(self, key: str) -> tuple[int, int]:
         """``(shard index, row index)`` of ``key``; ``KeyError`` naming the set when absent."""
+        rid = self.row_id(key)
+        return rid >> _SHIFT, rid & _MASK
+
+    def row_id(self, key: str) -> int:
+        """An int naming ``key``'s row for :meth:`get_row` (valid for this open set; resolve keys once, read
+        many times: a DataLoader's dataset does)."""
         try:
             return self._where[key]
         except KeyError:
@@ -207,33 +200,69 @@ class ShardSet:
     def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The row of ``key`` (copies, safe to keep), restricted to ``fields`` when given."""
         try:
-            si, ri = self._where[key]
+            rid = self._where[key]
         except KeyError:
             raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
-        maps = self._maps
-        return {name: (maps.get((si, name)) or self._reader(si, name))(ri) for name in (fields or self._field_names)}
+        si, ri = rid >> _SHIFT, rid & _MASK
+        readers = self._maps.get(si) or self._maps.setdefault(si, {})
+        out: dict[str, np.ndarray] = {}
+        for name in fields or self._field_names:  # hot path: no per-row h5py call, no per-row check
+            r = readers.get(name) or self._reader(si, name)
+            offs = r[1]
+            out[name] = r[0][ri].copy() if offs is None else r[0][offs[ri]:offs[ri + 1]].copy()
+        return out
+
+    @staticmethod
+    def shard_of(row_id: int) -> int:
+        """The shard index of a :meth:`row_id`."""
+        return row_id >> _SHIFT
+
+    def get_row(self, row_id: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """:meth:`get` by a :meth:`row_id` (skips the key lookup; same copies)."""
+        si, ri = row_id >> _SHIFT, row_id & _MASK
+        readers = self._maps.get(si) or self._maps.setdefault(si, {})
+        out: dict[str, np.ndarray] = {}
+        for name in fields or self._field_names:
+            r = readers.get(name) or self._reader(si, name)
+            offs = r[1]
+            out[name] = r[0][ri].copy() if offs is None else r[0][offs[ri]:offs[ri + 1]].copy()
+        return out
 
     def __getitem__(self, key: str) -> dict[str, np.ndarray]:
         return self.get(key)
 
     def _read(self, si: int, ri: int, name: str) -> np.ndarray:
-        return (self._maps.get((si, name)) or self._reader(si, name))(ri)
+        vals, offs = self._maps.get(si, {}).get(name) or self._reader(si, name)
+        return vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
 
     def get_many(self, keys: Sequence[str], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
         """The rows of ``keys`` in the order given (copies), read grouped by shard and in file order within
-        each shard (one reader lookup per shard and field, forward-only page access)."""
+        each shard (readers looked up once per shard and field; forward-only page access)."""
         where = self._where
         try:
-            loc = [where[k] for k in keys]
+            rids = [where[k] for k in keys]
         except KeyError as e:
             raise KeyError(f"key {e.args[0]!r} not in shard set {self.path} ({len(self)} rows)") from None
+        return self.get_rows(rids, fields)
+
+    def get_rows(self, row_ids: Sequence[int], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """:meth:`get_many` by :meth:`row_id` s."""
+        loc = [(r >> _SHIFT, r & _MASK) for r in row_ids]
         names = tuple(fields or self._field_names)
         out: list[dict[str, np.ndarray]] = [{} for _ in loc]
-        for i in sorted(range(len(loc)), key=loc.__getitem__):  # group by shard, then by row (= file offset)
-            si, ri = loc[i]
-            row = out[i]
+        order = sorted(range(len(loc)), key=loc.__getitem__)  # by shard, then by row (= file offset)
+        j = 0
+        while j < len(order):
+            si = loc[order[j]][0]
+            end = j
+            while end < len(order) and loc[order[end]][0] == si:
+                end += 1
             for name in names:
-                row[name] = (self._maps.get((si, name)) or self._reader(si, name))(ri)
+                vals, offs = self._maps.get(si, {}).get(name) or self._reader(si, name)
+                for i in order[j:end]:
+                    ri = loc[i][1]
+                    out[i][name] = vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
+            j = end
         return out
 
     def column(self, name: str) -> np.ndarray | list[np.ndarray]:

@@ -3,8 +3,8 @@
 Each sample is one key of the *primary* set; every other set is joined through an optional key map
 (e.g. ``ref_id -> image_id`` to pair a sentence with its image's embedding). HDF5 files are opened lazily
 inside each DataLoader worker (the :class:`ShardSet` objects drop their handles when pickled), never
-across a fork. A DataLoader with a ``batch_size`` fetches a batch through ``__getitems__``, i.e.
-:meth:`ShardSet.get_many` (reads grouped by shard and file offset).
+across a fork. Keys are resolved to row ids once, here; a DataLoader with a ``batch_size`` fetches a batch
+through ``__getitems__``, i.e. :meth:`ShardSet.get_rows` (reads grouped by shard and file offset).
 
 :class:`ShardLocalSampler` shuffles an epoch the way LitData and webdataset do, but over random-access
 shards: the shard order is shuffled, each shard's rows are streamed in file order through a bounded shuffle
@@ -47,13 +47,16 @@ class ShardDataset(Dataset):
             raise ValueError(f"key_maps for unknown sets {sorted(unknown)}")
         self.fields = {n: list(fields[n]) if fields and n in fields else list(s.fields) for n, s in self.sets.items()}
         self.keys = list(keys) if keys is not None else self.sets[self.primary].keys
+        self.row_ids: dict[str, list[int]] = {}  # set name -> row id of every sample (keys resolved once)
         for name, s in self.sets.items():  # fail early, naming the first missing join
             kmap = self.key_maps.get(name)
+            ids = self.row_ids[name] = []
             for k in self.keys:
                 target = kmap.get(k) if kmap is not None else k
                 if target is None or target not in s:
                     raise KeyError(f"sample key {k!r} has no row in set {name!r} ({s.path})"
                                    + (f" (mapped to {target!r})" if kmap is not None else ""))
+                ids.append(s.row_id(target))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -62,26 +65,23 @@ class ShardDataset(Dataset):
         key = self.keys[index]
         sample: dict[str, Any] = {"key": key}
         for name, s in self.sets.items():
-            kmap = self.key_maps.get(name)
-            row = s.get(kmap[key] if kmap is not None else key, self.fields[name])
+            row = s.get_row(self.row_ids[name][index], self.fields[name])
             sample[name] = {f: torch.from_numpy(np.ascontiguousarray(v)) for f, v in row.items()}
         return sample
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Many samples at once (the DataLoader's batched fetch): one :meth:`ShardSet.get_many` per set."""
-        keys = [self.keys[i] for i in indices]
-        samples: list[dict[str, Any]] = [{"key": k} for k in keys]
+        samples: list[dict[str, Any]] = [{"key": self.keys[i]} for i in indices]
         for name, s in self.sets.items():
-            kmap = self.key_maps.get(name)
-            rows = s.get_many([kmap[k] for k in keys] if kmap is not None else keys, self.fields[name])
+            ids = self.row_ids[name]
+            rows = s.get_rows([ids[i] for i in indices], self.fields[name])
             for sample, row in zip(samples, rows):
                 sample[name] = {f: torch.from_numpy(np.ascontiguousarray(v)) for f, v in row.items()}
         return samples
 
     def shard_of(self) -> list[int]:
         """For each sample index, the shard of the primary set that holds its row."""
-        s = self.sets[self.primary]
-        return [s.locate(k)[0] for k in self.keys]
+        return [ShardSet.shard_of(r) for r in self.row_ids[self.primary]]
 
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """``collate_fn`` for a DataLoader: fixed fields are stacked into ``(B, ...)`` tensors, ragged

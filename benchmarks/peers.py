@@ -19,7 +19,8 @@ Figures, all measured in one run, side by side (peers alternated, so machine loa
   as a Python list, the fastest a user can write. Best of ``--passes`` timed passes (alternating the peer
   order) after a warm-up pass, each pass capped at ``--read-cap`` s;
 * shuffled epoch rows/s through ``DataLoader(num_workers=2, batch_size=32)`` (each batch packed into one
-  tensor per field in the workers, the same collate for every peer): ShardSet with :class:`ShardLocalSampler`, LitData with ``shuffle=True``, webdataset with
+  tensor per field in the workers, the same collate for every peer; best of ``--epochs`` alternated
+  rounds): ShardSet with :class:`ShardLocalSampler`, LitData with ``shuffle=True``, webdataset with
   shard shuffle + a 1000-sample buffer, the others with a global random permutation; an epoch still running
   after ``--epoch-cap`` s is stopped and reported as partial;
 * write MB/s (payload bytes / wall time of the write) and bytes on disk.
@@ -49,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from grounding.shards import FieldSpec, ShardSet, ShardSetSpec, ShardWriter
-from grounding.shards.torch import ShardDataset, ShardLocalSampler
+from grounding.shards.torch import ShardLocalSampler
 
 Row = dict[str, np.ndarray]
 # name -> (dtype, per-value shape, ragged)
@@ -174,9 +175,25 @@ class ShardSetPeer(Peer):
         return self.s.get(self.keys[i], self.fields)
 
     def loader(self, n: int, names: tuple[str, ...], seed: int) -> Iterable[Any]:
-        ds = ShardDataset({"s": self.s})
-        return DataLoader(ds, batch_size=32, num_workers=2, sampler=ShardLocalSampler(ds, buffer=1024, seed=seed),
+        ds = _RowIdDS(self.s, self.rids, self.fields)  # numpy rows like every peer (ShardDataset adds tensors)
+        return DataLoader(ds, batch_size=32, num_workers=2, sampler=ShardLocalSampler(self.s, buffer=1024, seed=seed),
                           collate_fn=functools.partial(collate, names=names))
+
+
+class _RowIdDS(Dataset):
+    """ShardSet rows by position; batches through ``get_rows`` (grouped by shard and file offset)."""
+
+    def __init__(self, s: ShardSet, rids: list[int], fields: list[str]) -> None:
+        self.s, self.rids, self.fields = s, rids, fields
+
+    def __len__(self) -> int:
+        return len(self.rids)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.s.get_row(self.rids[i], self.fields)
+
+    def __getitems__(self, idx: list[int]) -> list[Row]:
+        return self.s.get_rows([self.rids[i] for i in idx], self.fields)
 
 
 class H5pyPeer(Peer):
@@ -371,7 +388,7 @@ def timed_epoch(loader: Iterable[Any], n: int, cap_s: float) -> tuple[float, int
 
 
 def run_workload(workload: str, n: int, work: Path, reads: int, passes: int, read_cap: float, epoch_cap: float,
-                 seed: int = 0) -> dict[str, Any]:
+                 epochs: int = 2, seed: int = 0) -> dict[str, Any]:
     rows = make_rows(workload, n, seed)
     payload = sum(a.nbytes for r in rows for a in r.values())
     names = tuple(WORKLOADS[workload])
@@ -410,14 +427,19 @@ def run_workload(workload: str, n: int, work: Path, reads: int, passes: int, rea
             best[p.name] = max(best[p.name], timed_reads(p.get, order, read_cap))
     for p in ra:
         res[p.name]["random_reads_per_s"] = best[p.name]
-    for p in peers:
-        r = res[p.name]
-        r.setdefault("random_reads_per_s", None)
-        try:
-            rate, seen, complete = timed_epoch(p.loader(n, names, seed), n, epoch_cap)
-            r.update(epoch_rows_per_s=rate, epoch_rows=seen, epoch_complete=complete)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run the epoch is reported, not fatal
-            r["epoch_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    for k in range(epochs):  # best of ``epochs`` alternated rounds (epoch k uses seed + k)
+        for p in (peers if k % 2 == 0 else peers[::-1]):
+            r = res[p.name]
+            r.setdefault("random_reads_per_s", None)
+            if "epoch_error" in r:
+                continue
+            try:
+                rate, seen, complete = timed_epoch(p.loader(n, names, seed + k), n, epoch_cap)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run the epoch is reported, not fatal
+                r["epoch_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                continue
+            if rate > r.get("epoch_rows_per_s", 0.0):
+                r.update(epoch_rows_per_s=rate, epoch_rows=seen, epoch_complete=complete)
     base = res["np.memmap"]
     for r in res.values():
         for fig in ("random_reads_per_s", "epoch_rows_per_s", "write_MB_per_s", "bytes_on_disk"):
@@ -480,6 +502,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=100_000, help="random reads per pass (capped by --read-cap)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--read-cap", type=float, default=2.0, help="seconds per read pass")
+    ap.add_argument("--epochs", type=int, default=2, help="alternated epoch rounds (best kept)")
     ap.add_argument("--epoch-cap", type=float, default=15.0, help="seconds before an epoch is cut short")
     ap.add_argument("--out", default="benchmarks/out/peers.json")
     a = ap.parse_args()
@@ -488,11 +511,11 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
                    f"Python {platform.python_version()}, numpy {np.__version__}, h5py {h5py.__version__}, "
                    f"torch {torch.__version__}",
-        "epoch_cap": a.epoch_cap, "read_cap": a.read_cap, "passes": a.passes, "workloads": {}}
+        "epoch_cap": a.epoch_cap, "epochs": a.epochs, "read_cap": a.read_cap, "passes": a.passes, "workloads": {}}
     try:
         for w in a.workloads.split(","):
             n = max(8, int(ROWS[w] * a.scale))
-            r["workloads"][w] = run_workload(w, n, work, a.reads, a.passes, a.read_cap, a.epoch_cap)
+            r["workloads"][w] = run_workload(w, n, work, a.reads, a.passes, a.read_cap, a.epoch_cap, a.epochs)
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
     finally:

@@ -39,12 +39,16 @@ def _params(path: str, overrides: list[str] | None) -> C.Params:
     try:
         return C.load(path, overrides or [])
     except C.ConfigError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        from grounding.errors import one_line
+
+        _fail(one_line(e)[0], 2)
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}")
+    """Print ``error: msg`` as one line (never wrapped, no markup read from ``msg``) and exit with ``code``."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 

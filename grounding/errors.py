@@ -36,9 +36,19 @@ def one_line(e: BaseException, where: str = "") -> tuple[str, int]:
     return (f"{where}: {msg}" if where else msg), (2 if isinstance(e, ConfigError) else 1)
 
 
-def load_weights(path: str | os.PathLike[str], key: str) -> Any:
-    """``torch.load(path, weights_only=True)`` of a weights file named by params ``key``; refusals and
-    damaged files become :class:`WeightsError` (never an unsafe fallback)."""
+def torch_reason(e: BaseException) -> str:
+    """The reason in a ``torch.load(weights_only=True)`` failure, without torch's advice to reload unsafely."""
+    text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0]
+        text = text.split(" Please use `torch.serialization", 1)[0]
+    return text.strip()[:200]
+
+
+def load_weights(path: str | os.PathLike[str], key: str, fix: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` of a weights file named by params ``key`` (or, for a model a
+    stage trained, its name with ``fix`` saying what to do); refusals and damaged files become
+    :class:`WeightsError` (never an unsafe fallback)."""
     import torch
 
     p = Path(path)
@@ -48,5 +58,5 @@ def load_weights(path: str | os.PathLike[str], key: str) -> Any:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - weights_only loading runs no code; any failure means an unusable file
         raise WeightsError(f"{key}: {p} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); save a plain state_dict from a "
-                           f"trusted environment and point {key} at it") from None
+                           f"{torch_reason(e)}); "
+                           + (fix or f"save a plain state_dict from a trusted environment and point {key} at it")) from None

@@ -33,7 +33,7 @@ from grounding.shards.generation import file_generation, generation_of
 from grounding.shards.lock import LOCK_FILE, DirLock, LockHeld
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _writer_proc import FIELDS, row, spec  # noqa: E402
+from _writer_proc import row, spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).parent / "_writer_proc.py"
@@ -275,7 +275,7 @@ def test_tampered_manifest_is_a_named_error_everywhere(tmp_path: Path, case: str
     assert any(re.search(want, p) for p in report.problems), report.problems
     for args in (["shards", "info", str(out)], ["shards", "show", str(out), "img00004"]):
         res = runner.invoke(app, args)
-        assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
         assert re.search(want, " ".join(res.output.split())), res.output
     res = runner.invoke(app, ["shards", "verify", str(out)])
     assert res.exit_code == 1 and "FAIL" in res.output
@@ -374,7 +374,6 @@ def test_cli_run_names_the_writer_holding_the_output(tmp_path: Path) -> None:
     assert f"stage gt-boxes: {out}: another writer is writing this shard set: pid {os.getpid()}" in line
     res = runner.invoke(app, ["run", "gt-boxes", "--no-deps", "--wait", *sets])
     assert res.exit_code == 0, res.output
-    _ = FIELDS
 
 
 class NotATensor:
@@ -395,3 +394,46 @@ def test_weight_refusals_are_known_errors(tmp_path: Path) -> None:
     assert errors.is_known(e.value) and errors.one_line(e.value)[1] == 2
     with pytest.raises(errors.WeightsError, match=r"backbone_weights: .*pickled\.pt cannot be loaded"):
         build_backbone(18, str(bad))
+
+
+@pytest.mark.slow
+def test_prefect_flow_fails_with_one_line(tmp_path: Path) -> None:
+    """A known error in a Prefect task ends the flow in a Failed state carrying the one-line message."""
+    import yaml
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flow import grounding_flow
+
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["dataset"]["synthetic"]["n_images"] = 6
+    doc["progress"] = False
+    doc["paths"] = {k: str(tmp_path / k) for k in ("prepared", "teachers", "students", "metrics", "models")}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(doc))
+    with prefect_test_harness(server_startup_timeout=180):
+        st = grounding_flow(target="gt-boxes", params_file=str(params), overrides=["seed=true"], return_state=True)
+        assert st.is_failed() and "seed: Value error, a boolean" in st.message and "\n" not in st.message
+        lock = DirLock(tmp_path / "teachers" / "gt-boxes" / "synthetic").acquire()
+        try:
+            st = grounding_flow(target="gt-boxes", params_file=str(params), return_state=True)
+        finally:
+            lock.release()
+        assert st.is_failed() and st.message.startswith("stage gt-boxes: ") and f"pid {os.getpid()}" in st.message
+        st = grounding_flow(target="gt-boxes", params_file=str(params), return_state=True)
+        assert st.is_completed()
+
+
+def test_a_forked_child_does_not_hold_or_release_the_parents_lock(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    lock = DirLock(out).acquire()
+    pid = os.fork()
+    if pid == 0:  # child: its copy of the lock is inert
+        code = 0 if lock.fd is None else 1
+        lock.release()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0 and (out / LOCK_FILE).exists()
+    with pytest.raises(LockHeld):  # still held by this process
+        DirLock(out).acquire()
+    lock.release()
+    DirLock(out).acquire().release()

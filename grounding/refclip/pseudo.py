@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from grounding.artefacts import read_provenance
 from grounding.config import Params
@@ -38,7 +37,10 @@ def predict(params: Params) -> tuple[list[str], dict[str, np.ndarray], Canonical
     ids without anchors (their image failed in the anchor stage)."""
     ds = CanonicalDataset.load(params.prepared_dir())
     anchors = ShardSet(params.teacher_dir(params.refclip.anchors_from))
-    ckpt = torch.load(model_path(params), map_location="cpu", weights_only=True)
+    from grounding.errors import load_weights
+
+    mpath = model_path(params)
+    ckpt = load_weights(mpath, "refclip-train model", f"delete {mpath} and rerun refclip-train to retrain it")
     model, vocab = from_checkpoint(ckpt)
     usable = [r for r in ds.refs if r.image_id in anchors]
     missing = [r.ref_id for r in ds.refs if r.image_id not in anchors]

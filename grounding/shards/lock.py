@@ -34,11 +34,11 @@ class LockHeld(ShardError):
 
 
 def _close_in_child() -> None:
-    for fd in list(_HELD):  # closing a duplicate does not release an flock; the parent keeps it
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """After fork: the child does not hold its parent's locks (closing a duplicate descriptor does not
+    release an flock, so the parent keeps it) and must never release or remove them."""
+    for fd, lock in list(_HELD.items()):
+        lock.fd = None
+        _close_quietly(fd)
     _HELD.clear()
 
 

@@ -11,7 +11,7 @@ two slices (issue 23: h5py group lookups and offset reads per row made them 0.03
 
 Trust (checked once per shard, never per row; grounding/shards/validate.py): when the set is opened each
 shard is compared with the manifest (content key, generation, dtype and shape of every field, ragged
-offsets) and its identity (device, inode, size, generation) is recorded; each later open of that shard
+offsets) and its identity (inode, size, generation) is recorded; each later open of that shard
 (lazily, in this process or a DataLoader worker) checks that the file is still the one checked, so a set
 rewritten under an open reader raises :class:`ShardError` instead of mixing rows of two writes.
 """
@@ -110,9 +110,8 @@ class ShardSet:
 
     def _check_same_file(self, si: int, f: h5py.File) -> None:
         """The file opened now under shard ``si``'s name is the one checked when the set was opened."""
-        then, now = self._identity[si], identity(f)
-        if then is not None and (now.dev, now.ino, now.size, now.generation) != (then.dev, then.ino, then.size,
-                                                                                  then.generation):
+        then, now = self._identity[si], identity(f)  # not st_dev: another host's mount of the same file differs
+        if then is not None and (now.ino, now.size, now.generation) != (then.ino, then.size, then.generation):
             f.close()
             raise ShardError(
                 f"{self.path}: {self.manifest.shards[si].file} changed since this reader opened the set "

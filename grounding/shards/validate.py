@@ -40,16 +40,16 @@ def identity(f: h5py.File) -> ShardIdentity:
 def shard_problems(f: h5py.File, m: Manifest, shard: ShardInfo, keys: list[str],
                    ident: ShardIdentity | None = None) -> list[str]:
     """Everything about shard ``f`` (keys already read) that differs from manifest ``m``; [] when it matches."""
-    name, out = shard.file, []
-    version = f.attrs.get("format_version")
+    name, out, attrs = shard.file, [], f.attrs
+    version = attrs.get("format_version")
     if not isinstance(version, (int, np.integer)) or int(version) != m.format_version:
         out.append(f"{name}: format_version {version!r}, manifest says {m.format_version}")
     if m.format_version >= 2:  # shards carry their content address, not the set's key
-        if not shard.content_key or f.attrs.get("content_key") != shard.content_key:
-            out.append(f"{name}: content key {f.attrs.get('content_key')!r}, manifest says {shard.content_key!r} "
-                       f"(a shard of another set?)")
-    elif f.attrs.get("stage_key") != m.stage_key:
-        out.append(f"{name}: written for stage key {f.attrs.get('stage_key')!r}, not {m.stage_key}")
+        key = attrs.get("content_key")
+        if not shard.content_key or key != shard.content_key:
+            out.append(f"{name}: content key {key!r}, manifest says {shard.content_key!r} (a shard of another set?)")
+    elif attrs.get("stage_key") != m.stage_key:
+        out.append(f"{name}: written for stage key {attrs.get('stage_key')!r}, not {m.stage_key}")
     if m.format_version >= 3:
         gen = (ident or identity(f)).generation
         if gen != m.generation:

@@ -4,7 +4,9 @@ A stage hands the writer the ordered list of its input items (``item_keys``). Sh
 ``[i * rows_per_shard, (i + 1) * rows_per_shard)``, so the partition does not depend on which items fail.
 Rows are buffered for one shard at a time; a full shard is written to a temporary file, fsynced and renamed
 (atomic); ``manifest.json`` is written last. After a crash, a rerun keeps every finished shard whose
-recorded content address matches and resumes at the first missing one.
+recorded content address matches and resumes at the first missing one. One writer per directory at a
+time (``lock.py``: a second one fails naming the holder, or waits); the commit re-hashes every shard it
+lists; each shard carries the set's generation (``generation.py``), re-stamped when a shard is kept.
 
 Content addresses (incremental extension). Every shard records a ``content_key``
 (:func:`grounding.shards.keys.shard_key`): by default a hash of the stage key and the shard's items, so it
@@ -142,7 +144,8 @@ class ShardWriter:
             raise ValueError(f"item key {nul!r} given to the writer of {spec.stage} contains a NUL character")
         bad = next((k for k in keys if not _utf8_ok(k)), None)
         if bad is not None:  # keys are stored as UTF-8 bytes
-            raise ValueError(f"item key {bad!r} given to the writer of {spec.stage} is not valid Unicode (lone surrogate)")
+            raise ValueError(f"item key {bad!r} given to the writer of {spec.stage} is not valid Unicode "
+                             f"(lone surrogate)")
         if (item_hashes is None) != (not spec.content_base):
             raise ValueError(f"{spec.stage}: item_hashes and spec.content_base go together (got "
                              f"{'no ' if item_hashes is None else ''}item hashes, content_base={spec.content_base!r})")

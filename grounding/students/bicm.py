@@ -350,7 +350,9 @@ def run_student_bicm(params: Params) -> Path:
 
     build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": inp.keys,
                                    "pseudo_labels": len(pseudo)})
-    ckpt = torch.load(mpath, map_location="cpu", weights_only=True)
+    from grounding.errors import load_weights
+
+    ckpt = load_weights(mpath, f"{STAGE} model", f"delete {mpath} and rerun {STAGE} to retrain it")
     model = KamMLP(ckpt["dim"], ckpt["hidden"])
     model.load_state_dict(ckpt["state"])
     model.eval()

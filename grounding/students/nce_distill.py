@@ -428,7 +428,9 @@ def run_student_nce_distill(params: Params) -> Path:
 
     build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": {
         "proposals": proposals.manifest.stage_key, "labels": labels_set.manifest.stage_key}})
-    ckpt = torch.load(mpath, map_location="cpu", weights_only=True)
+    from grounding.errors import load_weights
+
+    ckpt = load_weights(mpath, f"{STAGE} model", f"delete {mpath} and rerun {STAGE} to retrain it")
     refs = eval_refs(ds, proposals)
     row = regions.row
     rows = [row[r.image_id] for r in refs]

@@ -7,7 +7,8 @@ are read through a NumPy memmap at the dataset's file offset (PITFALLS.md: 0.95x
 h5py row indexing reaches 0.26x). Ragged fields are mapped the same way: their ``offsets`` are loaded once per
 shard and ``values`` (contiguous, uncompressed: writer.py) is mapped at its file offset, so a ragged row is
 two slices (issue 23: h5py group lookups and offset reads per row made them 0.03x a memmap).
-:meth:`ShardSet.get_many` reads many keys grouped by shard and file offset.
+:meth:`ShardSet.get_many` reads many keys grouped by shard and file offset; :meth:`ShardSet.row_id` resolves a
+key once to an int that :meth:`ShardSet.get_row` / :meth:`ShardSet.get_rows` read without the key lookup.
 
 Trust (checked once per shard, never per row; grounding/shards/validate.py): when the set is opened each
 shard is compared with the manifest (content key, generation, dtype and shape of every field, ragged

@@ -54,7 +54,8 @@ from grounding.students.common import (
 
 log = logging.getLogger(__name__)
 STAGE = "student-nce-distill"
-MODULES = ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.refclip.model", "grounding.class_probs")
+MODULES = ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.refclip.model",
+           "grounding.class_probs")
 GEOMETRY_DIM = 5
 
 
@@ -96,7 +97,8 @@ def detector_classes(proposals: ShardSet) -> list[str]:
     if "class_probs" in proposals.fields:  # dense; top-k sets (grounding/class_probs.py) have C+1 implied
         n = proposals.fields["class_probs"].shape[-1]
         if n != len(classes) + 1:
-            raise ValueError(f"{proposals.path}: class_probs has {n} columns, expected background + {len(classes)} classes")
+            raise ValueError(f"{proposals.path}: class_probs has {n} columns, expected background + "
+                             f"{len(classes)} classes")
     return list(classes)
 
 

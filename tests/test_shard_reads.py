@@ -127,3 +127,12 @@ def test_sampler_with_two_workers_reads_every_row_once(tmp_path: Path) -> None:
                     sampler=ShardLocalSampler(ds, buffer=8, seed=3))
     seen = [k for b in dl for k in b["key"]]
     assert sorted(seen) == keys
+
+
+def test_sampler_sources_agree(tmp_path: Path) -> None:
+    write(tmp_path / "s", n=30, rps=7)
+    s = ShardSet(tmp_path / "s")
+    ds = ShardDataset({"s": s})
+    shard = [s.locate(k)[0] for k in s.keys]
+    orders = [list(ShardLocalSampler(src, buffer=4, seed=2)) for src in (ds, s, shard)]
+    assert orders[0] == orders[1] == orders[2] and sorted(orders[0]) == list(range(30))

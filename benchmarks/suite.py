@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "kill_resume": (["--json", "benchmarks/out/kill_resume.json"], "nothing (temporary dataset)"),
     "scale": (["--sizes", "10000", "100000", "--set", "teachers.yolo.input_size=224"],
               "nothing (generates 10k and 100k images, ~1.4 GB, deleted after; ~45 min on 2 cores)"),
+    "peers": ([], "the bench extra (pip install -e .[bench]); ~8 min on 2 cores"),
+    "class_probs_topk": ([], "nothing"),
 }
 
 
@@ -100,6 +102,27 @@ def rows_scale(d: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def rows_peers(d: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for w, wr in d["workloads"].items():
+        p = wr["peers"]
+        ss, key = p.get("ShardSet", {}), p.get("ShardSet.get (by key)", {})
+        out.append((f"peers, {w}: ShardSet random reads ÷ np.memmap (by row id / by key)",
+                    f"{_r(ss.get('random_reads_per_s_vs_memmap'), 2)} / {_r(key.get('random_reads_per_s_vs_memmap'), 2)}",
+                    "cpu"))
+        others = {n: v.get("epoch_rows_per_s_vs_memmap") for n, v in p.items()
+                  if n not in ("ShardSet", "np.memmap") and v.get("epoch_rows_per_s_vs_memmap")}
+        best = max(others, key=others.get) if others else None
+        out.append((f"  … {w}: shuffled epoch ÷ np.memmap, ShardSet (best other: {best})",
+                    f"{_r(ss.get('epoch_rows_per_s_vs_memmap'), 2)} ({_r(others.get(best), 2)})", "cpu"))
+    return out
+
+
+def rows_class_probs_topk(d: list) -> list[tuple[str, str, str]]:
+    return [(f"top-{r['k']} class probs ÷ dense float16 bytes/image (sigma {r['sigma']:g}; max abs(p - p_dense))",
+             f"{r['bytes_topk'] / r['bytes_dense_f16']:.3f} ({r['max_abs_err']:.1e})", "cpu") for r in d if r["k"] == 32]
+
+
 def _generic(d: dict, name: str) -> list[tuple[str, str, str]]:
     """Benchmarks that name their own headline figures in ``summary``: ``{label: value}``."""
     dev = d.get("device", d.get("meta", {}).get("device", "cpu"))
@@ -115,6 +138,8 @@ EXTRACT: dict[str, Callable[[dict], list[tuple[str, str, str]]]] = {
     "kill_resume": rows_kill_resume,
     "orchestration_overhead": rows_orchestration_overhead,
     "scale": rows_scale,
+    "peers": rows_peers,
+    "class_probs_topk": rows_class_probs_topk,
 }
 
 
@@ -151,6 +176,12 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hand_written(old: str) -> str:
+    """The ``## `` sections written by hand below the generated table (kept when the table is rebuilt)."""
+    i = old.find("\n## ")
+    return old[i:] if i >= 0 else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(COMMANDS), help=f"comma-separated subset of {list(COMMANDS)}")
@@ -167,7 +198,8 @@ def main() -> None:
             print(f"   {run(name):.0f} s", flush=True)
     res = collect(names)
     (HERE / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    (HERE / "results.md").write_text(markdown(res))
+    old = (HERE / "results.md").read_text() if (HERE / "results.md").exists() else ""
+    (HERE / "results.md").write_text(markdown(res) + hand_written(old))
     print(markdown(res))
 
 

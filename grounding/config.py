@@ -153,6 +153,8 @@ class DetectorParams(_Section):
     max_detections: int = Field(100, ge=1)  # Faster R-CNN: detections kept per image
     score_thresh: float = Field(0.0, ge=0, lt=1)
     nms_thresh: float = Field(0.5, gt=0, le=1)
+    class_probs: Literal["dense", "topk"] = "dense"  # Faster R-CNN p(z|x): dense (K, C+1) or top-k + residual
+    class_probs_k: int = Field(32, ge=1)  # top-k: probabilities kept per region (grounding/class_probs.py)
     bootstrap: BootstrapParams = BootstrapParams()
 
     @field_validator("input_size")

@@ -316,11 +316,13 @@ STAGES: dict[str, StageDef] = {
                  _lazy("grounding.students.pbrec", "run_student_pbrec"), needs=("fcos-points",)),
         # weakly supervised grounding students (issue 10): read teacher shard sets only
         StageDef("student-nce-distill", "NCE+Distill: region-phrase NCE + WordNet/detector soft-target distillation",
-                 ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.students.common"),
+                 ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.students.common",
+                  "grounding.class_probs"),
                  _lazy("grounding.students.nce_distill", "run_student_nce_distill"),
                  needs=("frcnn-proposals", "wordnet-labels")),
         StageDef("student-bicm", "BiCM from caches: COM (crop/class-query cosines) + QAM fusion + KAM MLP",
-                 ("grounding.students.bicm", "grounding.students.nce_distill", "grounding.students.common"),
+                 ("grounding.students.bicm", "grounding.students.nce_distill", "grounding.students.common",
+                  "grounding.class_probs"),
                  _lazy("grounding.students.bicm", "run_student_bicm"),
                  needs=("frcnn-proposals", "clip-crops", "clip-classes", "clip-image", "clip-text", "qam")),
     )

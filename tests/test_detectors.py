@@ -439,3 +439,29 @@ def test_colour_shape_labels_come_from_the_generator(world) -> None:
                 assert nearest == colour, (image_id, classes[lab], pixel)
             seen.add(colour)
     assert len(seen) >= 3
+
+
+def test_frcnn_topk_class_probs_rebuild_the_dense_ones(world) -> None:
+    """``class_probs: topk`` (issue 23): top-k float16 + int32 indices + residual instead of the dense field;
+    a new stage key; the rebuilt p(z|x) matches the dense run's within float16 rounding on the top k."""
+    from grounding import class_probs as cp
+
+    root, params = world
+    dense_set = run_stage(params, "frcnn")
+    doc = doc_of(params)
+    doc["teachers"]["frcnn"].update(class_probs="topk", class_probs_k=3)
+    doc["paths"]["teachers"] = str(root / "teachers-topk")  # beside the dense set, which the other tests read
+    topk_set = run_stage(C.from_dict(doc), "frcnn")
+    assert topk_set.manifest.stage_key != dense_set.manifest.stage_key
+    assert "class_probs" not in topk_set.fields and set(cp.TOPK_FIELDS) <= set(topk_set.fields)
+    assert topk_set.manifest.params["class_probs"] == {"encoding": "topk", "k": 3}
+    assert "class_probs" not in dense_set.manifest.params  # dense sets keep their key
+    c1 = len(CLASSES) + 1
+    for image_id in dense_set.keys[:3]:
+        d, t = dense_set.get(image_id), topk_set.get(image_id)
+        np.testing.assert_array_equal(d["boxes"], t["boxes"])
+        assert t[cp.TOPK_INDEX].dtype == np.int32 and t[cp.TOPK_VALUES].shape == (len(d["boxes"]), 3)
+        q, p = cp.dense(t, c1), d["class_probs"].astype(np.float32)
+        np.testing.assert_allclose(np.take_along_axis(q, t[cp.TOPK_INDEX].astype(np.int64), 1),
+                                   np.take_along_axis(p, t[cp.TOPK_INDEX].astype(np.int64), 1), atol=2e-3)
+        np.testing.assert_allclose(q.sum(1), 1, atol=3e-3)

@@ -76,6 +76,11 @@ def test_fixed_fields_are_memory_mapped(tmp_path: Path) -> None:
     mapped = s._memmap(0, "embedding")
     assert mapped is not None and not mapped.flags.writeable  # a read-only view of the file, no copy
     assert s._memmap(0, "label") is not None
+    boxes = s._memmap(0, "boxes")  # ragged values are mapped too (issue 23); offsets loaded once per shard
+    assert boxes is not None and not boxes.flags.writeable and boxes.shape == (0 + 1 + 2 + 3, 4)
+    got = s.get("img00003")["boxes"]
+    np.testing.assert_array_equal(got, row(3)["boxes"])
+    assert got.flags.writeable and not np.shares_memory(got, boxes)  # a copy, safe to keep
 
 
 def test_two_runs_give_identical_bytes(tmp_path: Path) -> None:

@@ -4,7 +4,11 @@
 and opens HDF5 files only when a row is read, once per process (so it can be created before a DataLoader
 forks and used inside its workers). Fixed-size fields are contiguous and uncompressed in the file, so they
 are read through a NumPy memmap at the dataset's file offset (PITFALLS.md: 0.95x a plain memmap, where
-h5py row indexing reaches 0.26x); ragged fields are read by slicing ``values`` between two ``offsets``.
+h5py row indexing reaches 0.26x). Ragged fields are mapped the same way: their ``offsets`` are loaded once per
+shard and ``values`` (contiguous, uncompressed: writer.py) is mapped at its file offset, so a ragged row is
+two slices (issue 23: h5py group lookups and offset reads per row made them 0.03x a memmap).
+:meth:`ShardSet.get_many` reads many keys grouped by shard and file offset; :meth:`ShardSet.row_id` resolves a
+key once to an int that :meth:`ShardSet.get_row` / :meth:`ShardSet.get_rows` read without the key lookup.
 
 Trust (checked once per shard, never per row; grounding/shards/validate.py): when the set is opened each
 shard is compared with the manifest (content key, generation, dtype and shape of every field, ragged
@@ -28,11 +32,12 @@ from grounding.shards.validate import ShardIdentity, identity, shard_problems
 
 
 _OPEN_SETS: "weakref.WeakSet[ShardSet]" = weakref.WeakSet()
+_SHIFT, _MASK = 32, (1 << 32) - 1  # row ids: shard index in the high bits, row in the shard in the low 32
 
 
 def _forget_handles_after_fork() -> None:
     for s in list(_OPEN_SETS):
-        s._files, s._maps = {}, {}
+        s._files, s._maps, s._mapped = {}, {}, {}
 
 
 os.register_at_fork(after_in_child=_forget_handles_after_fork)  # never reuse a parent's HDF5 handles
@@ -55,7 +60,7 @@ class ShardSet:
         self.manifest = Manifest.load(self.path)
         self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
         self._keys: list[str] = []
-        self._where: dict[str, tuple[int, int]] = {}
+        self._where: dict[str, int] = {}  # key -> row id (shard << 32 | row): one int, no tuple to chase
         self._identity: list[ShardIdentity | None] = []
         for si, shard in enumerate(self.manifest.shards):
             file = self.path / shard.file
@@ -77,17 +82,18 @@ class ShardSet:
             for ri, k in enumerate(keys):
                 if k in self._where:
                     raise ShardError(f"{self.path}: key {k!r} appears twice")
-                self._where[k] = (si, ri)
+                self._where[k] = si << _SHIFT | ri
             self._keys.extend(keys)
         self._files: dict[int, h5py.File] = {}
-        self._maps: dict[tuple[int, str], np.ndarray | None] = {}
+        self._maps: dict[int, dict[str, tuple[Any, list[int] | None]]] = {}  # shard -> field -> (values, offsets)
+        self._mapped: dict[tuple[int, str], np.ndarray | None] = {}
         self._field_names = tuple(self.fields)
         _OPEN_SETS.add(self)
 
     # ---- pickling (DataLoader workers reopen files themselves) ----------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_files={}, _maps={})
+        state.update(_files={}, _maps={}, _mapped={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -113,24 +119,49 @@ class ShardSet:
                 f"(generation {then.generation} -> {now.generation}, inode {then.ino} -> {now.ino}, size "
                 f"{then.size} -> {now.size}): the set was rewritten; open it again")
 
+    def _values_map(self, si: int, dset: h5py.Dataset) -> np.ndarray | None:
+        """A read-only plain-ndarray view of a contiguous, uncompressed dataset of shard ``si`` mapped at its
+        file offset (through the checked file's own descriptor); None when it cannot be mapped (chunked,
+        compressed, or never allocated)."""
+        offset = dset.id.get_offset()
+        if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
+            return None
+        with os.fdopen(os.dup(self._file(si).id.get_vfd_handle()), "rb") as fh:
+            mm = np.memmap(fh, mode="r", dtype=dset.dtype, offset=offset, shape=dset.shape)
+        return mm.view(np.ndarray)  # plain view: indexing skips memmap's __array_finalize__ overhead
+
+    def _reader(self, si: int, name: str) -> tuple[Any, list[int] | None]:
+        """``(values, offsets)`` of field ``name`` in shard ``si``, built once per shard and process: a fixed
+        row is ``values[ri]``, a ragged row ``values[offsets[ri]:offsets[ri + 1]]`` (offsets loaded once as
+        a list; ``values`` a memmap view, or the h5py dataset when it cannot be mapped)."""
+        spec = self.fields.get(name)
+        if spec is None:
+            raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
+        f = self._file(si)
+        dset = f[name]["values"] if spec.ragged else f[name]
+        offs: list[int] | None = f[name]["offsets"][()].tolist() if spec.ragged else None
+        mapped = self._values_map(si, dset)
+        if mapped is not None:
+            vals: Any = mapped
+        elif dset.shape[0] == 0:  # nothing stored (no rows or no values): an empty array slices like one
+            vals = np.zeros(dset.shape, dset.dtype)
+        else:  # chunked or compressed (not written by this writer): h5py reads
+            vals = dset
+        self._maps.setdefault(si, {})[name] = (vals, offs)
+        self._mapped[(si, name)] = mapped
+        return vals, offs
+
     def _memmap(self, si: int, name: str) -> np.ndarray | None:
-        """A read-only memmap of a contiguous fixed field of shard ``si`` (None when not mappable)."""
-        key = (si, name)
-        if key not in self._maps:
-            dset = self._file(si)[name]
-            offset = dset.id.get_offset()
-            if offset is None or dset.chunks is not None or dset.compression is not None or dset.shape[0] == 0:
-                self._maps[key] = None
-            else:
-                with os.fdopen(os.dup(self._file(si).id.get_vfd_handle()), "rb") as fh:  # the checked file
-                    mm = np.memmap(fh, mode="r", dtype=dset.dtype, offset=offset, shape=dset.shape)
-                self._maps[key] = mm.view(np.ndarray)  # plain view: indexing skips memmap's overhead
-        return self._maps[key]
+        """The mapped array behind field ``name`` of shard ``si`` (ragged: its ``values``); None when that
+        field is read through h5py instead. For tests and diagnostics."""
+        if name not in self._maps.get(si, {}):
+            self._reader(si, name)
+        return self._mapped[(si, name)]
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files, self._maps = {}, {}
+        self._files, self._maps, self._mapped = {}, {}, {}
 
     def __enter__(self) -> "ShardSet":
         return self
@@ -155,6 +186,12 @@ class ShardSet:
 
     def locate(self, key: str) -> tuple[int, int]:
         """``(shard index, row index)`` of ``key``; ``KeyError`` naming the set when absent."""
+        rid = self.row_id(key)
+        return rid >> _SHIFT, rid & _MASK
+
+    def row_id(self, key: str) -> int:
+        """An int naming ``key``'s row for :meth:`get_row` (valid for this open set; resolve keys once, read
+        many times: a DataLoader's dataset does)."""
         try:
             return self._where[key]
         except KeyError:
@@ -163,29 +200,70 @@ class ShardSet:
     def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The row of ``key`` (copies, safe to keep), restricted to ``fields`` when given."""
         try:
-            si, ri = self._where[key]
+            rid = self._where[key]
         except KeyError:
             raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
-        return {name: self._read(si, ri, name) for name in (fields or self._field_names)}
+        si, ri = rid >> _SHIFT, rid & _MASK
+        readers = self._maps.get(si) or self._maps.setdefault(si, {})
+        out: dict[str, np.ndarray] = {}
+        for name in fields or self._field_names:  # hot path: no per-row h5py call, no per-row check
+            r = readers.get(name) or self._reader(si, name)
+            offs = r[1]
+            out[name] = r[0][ri].copy() if offs is None else r[0][offs[ri]:offs[ri + 1]].copy()
+        return out
+
+    @staticmethod
+    def shard_of(row_id: int) -> int:
+        """The shard index of a :meth:`row_id`."""
+        return row_id >> _SHIFT
+
+    def get_row(self, row_id: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """:meth:`get` by a :meth:`row_id` (skips the key lookup; same copies)."""
+        si, ri = row_id >> _SHIFT, row_id & _MASK
+        readers = self._maps.get(si) or self._maps.setdefault(si, {})
+        out: dict[str, np.ndarray] = {}
+        for name in fields or self._field_names:
+            r = readers.get(name) or self._reader(si, name)
+            offs = r[1]
+            out[name] = r[0][ri].copy() if offs is None else r[0][offs[ri]:offs[ri + 1]].copy()
+        return out
 
     def __getitem__(self, key: str) -> dict[str, np.ndarray]:
         return self.get(key)
 
     def _read(self, si: int, ri: int, name: str) -> np.ndarray:
-        mm = self._maps.get((si, name))
-        if mm is not None:  # hot path: a contiguous fixed field already mapped
-            return mm[ri].copy()
-        spec = self.fields.get(name)
-        if spec is None:
-            raise KeyError(f"no field {name!r} in {self.path}; fields are {list(self.fields)}")
-        if spec.ragged:
-            g = self._file(si)[name]
-            lo, hi = g["offsets"][ri:ri + 2]
-            return g["values"][int(lo):int(hi)]
-        mm = self._memmap(si, name)
-        if mm is not None:
-            return mm[ri].copy()
-        return self._files[si][name][ri]
+        vals, offs = self._maps.get(si, {}).get(name) or self._reader(si, name)
+        return vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
+
+    def get_many(self, keys: Sequence[str], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """The rows of ``keys`` in the order given (copies), read grouped by shard and in file order within
+        each shard (readers looked up once per shard and field; forward-only page access)."""
+        where = self._where
+        try:
+            rids = [where[k] for k in keys]
+        except KeyError as e:
+            raise KeyError(f"key {e.args[0]!r} not in shard set {self.path} ({len(self)} rows)") from None
+        return self.get_rows(rids, fields)
+
+    def get_rows(self, row_ids: Sequence[int], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """:meth:`get_many` by :meth:`row_id` s."""
+        loc = [(r >> _SHIFT, r & _MASK) for r in row_ids]
+        names = tuple(fields or self._field_names)
+        out: list[dict[str, np.ndarray]] = [{} for _ in loc]
+        order = sorted(range(len(loc)), key=loc.__getitem__)  # by shard, then by row (= file offset)
+        j = 0
+        while j < len(order):
+            si = loc[order[j]][0]
+            end = j
+            while end < len(order) and loc[order[end]][0] == si:
+                end += 1
+            for name in names:
+                vals, offs = self._maps.get(si, {}).get(name) or self._reader(si, name)
+                for i in order[j:end]:
+                    ri = loc[i][1]
+                    out[i][name] = vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
+            j = end
+        return out
 
     def column(self, name: str) -> np.ndarray | list[np.ndarray]:
         """A whole field in key order: one array for fixed fields, a list of arrays for ragged ones."""

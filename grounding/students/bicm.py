@@ -55,7 +55,7 @@ from grounding.students.nce_distill import detector_classes, load_regions, propo
 
 log = logging.getLogger(__name__)
 STAGE = "student-bicm"
-MODULES = ("grounding.students.bicm", "grounding.students.nce_distill")
+MODULES = ("grounding.students.bicm", "grounding.students.nce_distill", "grounding.class_probs")
 ROWS = ("com", "com+qam", "com+qam+kam")
 TD_MAX_SIDE = 160  # S_TD is computed on the map upsampled to at most this many pixels a side (boxes scaled alike)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from grounding import class_probs as cprobs
 from grounding.artefacts import build_once
 from grounding.boxes import box_iou
 from grounding.config import Params
@@ -53,7 +54,8 @@ from grounding.students.common import (
 
 log = logging.getLogger(__name__)
 STAGE = "student-nce-distill"
-MODULES = ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.refclip.model")
+MODULES = ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.refclip.model",
+           "grounding.class_probs")
 GEOMETRY_DIM = 5
 
 
@@ -92,9 +94,11 @@ def detector_classes(proposals: ShardSet) -> list[str]:
     classes = proposals.manifest.extra.get("classes")
     if not classes:
         raise ValueError(f"{proposals.path}: manifest has no extra.classes (detector class names)")
-    n = proposals.fields["class_probs"].shape[-1]
-    if n != len(classes) + 1:
-        raise ValueError(f"{proposals.path}: class_probs has {n} columns, expected background + {len(classes)} classes")
+    if "class_probs" in proposals.fields:  # dense; top-k sets (grounding/class_probs.py) have C+1 implied
+        n = proposals.fields["class_probs"].shape[-1]
+        if n != len(classes) + 1:
+            raise ValueError(f"{proposals.path}: class_probs has {n} columns, expected background + "
+                             f"{len(classes)} classes")
     return list(classes)
 
 
@@ -102,7 +106,8 @@ def load_regions(proposals: ShardSet, ds: CanonicalDataset, image_ids: Sequence[
     """Read the proposals of ``image_ids`` into padded arrays (see :class:`Regions`)."""
     classes = detector_classes(proposals)
     index = ds.image_index
-    rows = [proposals.get(i, ["boxes", "features", "class_probs", "scores", "labels"]) for i in image_ids]
+    rows = proposals.get_many(image_ids, ["boxes", "features", *cprobs.stored_fields(proposals.fields),
+                                          "scores", "labels"])
     r_max = max((len(r["boxes"]) for r in rows), default=0)
     if r_max == 0:
         raise ValueError(f"{proposals.path}: no proposals for the {len(image_ids)} images")
@@ -120,7 +125,7 @@ def load_regions(proposals: ShardSet, ds: CanonicalDataset, image_ids: Sequence[
         feats[i, :k, :d] = r["features"]
         if geometry:
             feats[i, :k, d:] = box_geometry(r["boxes"], index[im].width, index[im].height)
-        probs[i, :k] = np.asarray(r["class_probs"], np.float32)[:, 1:]  # drop the background column
+        probs[i, :k] = cprobs.dense(r, c + 1)[:, 1:]  # dense or top-k + residual; drop the background
     return Regions(list(image_ids), boxes, mask, torch.from_numpy(feats), probs, scores, labels, classes)
 
 

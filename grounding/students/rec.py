@@ -131,8 +131,7 @@ def build_backbone(depth: int, weights: str | None = None, width: float = 1.0,
         missing, unexpected = net.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith("fc.")]
         if bad or unexpected:
-            raise WeightsError(f"backbone_weights: {weights}: not a ResNet-{depth} state dict (missing {bad[:3]}, "
-                               f"unexpected {unexpected[:3]}); set students.*.depth to the file's depth")
+            raise ValueError(f"{weights}: not a ResNet-{depth} state dict (missing {bad[:3]}, unexpected {unexpected[:3]})")
     stages = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if stride == 32 else [])
     body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
     return body, _out_channels(stages[-1])

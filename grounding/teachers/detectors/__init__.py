@@ -217,19 +217,8 @@ class Detector(ABC):
 
     @cached_property
     def model(self) -> torch.nn.Module:
-        """The model in eval mode on :attr:`device` (built on first use); a weights file that does not fit
-        the architecture is a :class:`~grounding.errors.WeightsError` naming the file and the params section."""
-        from grounding.errors import WeightsError
-
-        try:
-            model = self._build()
-        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, size mismatches
-            if "state_dict" not in str(e):
-                raise
-            raise WeightsError(f"teachers.{self.teacher}.weights: {self.weights} does not fit the configured "
-                               f"architecture ({str(e).splitlines()[0][:200]}...); check teachers.{self.teacher}"
-                               f".arch/config and classes") from None
-        return model.eval().to(self.device)
+        """The model in eval mode on :attr:`device` (built on first use)."""
+        return self._build().eval().to(self.device)
 
     @property
     @abstractmethod

@@ -7,6 +7,8 @@ Per image, the top ``max_detections`` (100) detections after per-class NMS, exac
 * ``scores`` (K,) float32, probability of the detection's class;
 * ``labels`` (K,) int32, index into manifest ``extra.classes`` (background excluded);
 * ``class_probs`` (K, C+1) float16, softmax over [background, classes...] of the detection's RoI (p(z|x));
+  with ``class_probs: topk`` instead ``class_probs_topk`` (K, k) float16, ``class_probs_index`` (K, k) int32
+  and ``class_probs_rest`` (K,) float32, the residual mass (grounding/class_probs.py rebuilds p(z|x));
 * ``features`` (K, D) float16, the RoI box-head output (the vector the box predictor sees).
 
 The model is run piecewise (transform, backbone, RPN, RoI pooling, box head, predictor) so that the RoI
@@ -28,6 +30,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from grounding import class_probs as cp
 from grounding.boxes import Letterbox
 from grounding.config import Params
 from grounding.shards import FieldSpec
@@ -103,6 +106,8 @@ def select_detections(class_logits: torch.Tensor, box_regression: torch.Tensor, 
 class FasterRCNNDetector(Detector):
     """torchvision Faster R-CNN over letterboxed canvases (see the module docstring for the row)."""
 
+    code_modules = ("grounding.class_probs",)  # also in the stage's code key (the top-k encoding)
+
     teacher = "frcnn"
     library = "torchvision"
     level = "region"
@@ -142,7 +147,8 @@ class FasterRCNNDetector(Detector):
         c = self.cfg
         return {"backend": c.backend, "arch": self.arch, "input_size": c.input_size,
                 "max_detections": c.max_detections, "score_thresh": c.score_thresh, "nms_thresh": c.nms_thresh,
-                "classes": self.classes}
+                "classes": self.classes,
+                **({"class_probs": {"encoding": "topk", "k": c.class_probs_k}} if c.class_probs == "topk" else {})}
 
     def fields(self) -> tuple[FieldSpec, ...]:
         c1 = self.num_classes
@@ -150,12 +156,23 @@ class FasterRCNNDetector(Detector):
             FieldSpec("boxes", "float32", (4,), ragged=True, meaning="detections, float32 xyxy original pixels"),
             FieldSpec("scores", "float32", (), ragged=True, meaning="probability of the detection's class"),
             FieldSpec("labels", "int32", (), ragged=True, meaning="class index into extra.classes"),
-            FieldSpec("class_probs", "float16", (c1,), ragged=True,
-                      meaning="softmax over [background, *classes] of the detection's RoI (p(z|x))"),
+            *self._class_prob_fields(c1),
             FieldSpec("features", "float16", (self.feature_dim,), ragged=True,
                       meaning="RoI box-head output of the detection's RoI (input of the box predictor)"),
             *common_fields(),
         )
+
+    def _class_prob_fields(self, c1: int) -> tuple[FieldSpec, ...]:
+        if self.cfg.class_probs == "dense":
+            return (FieldSpec(cp.DENSE, "float16", (c1,), ragged=True,
+                              meaning="softmax over [background, *classes] of the detection's RoI (p(z|x))"),)
+        k = min(self.cfg.class_probs_k, c1)
+        return (FieldSpec(cp.TOPK_VALUES, "float16", (k,), ragged=True,
+                          meaning=f"top-{k} of the softmax over [background, *classes] (p(z|x)), decreasing"),
+                FieldSpec(cp.TOPK_INDEX, "int32", (k,), ragged=True,
+                          meaning="column of each top-k value (0 = background)"),
+                FieldSpec(cp.TOPK_REST, "float32", (), ragged=True,
+                          meaning="probability mass outside the top k (spread evenly when rebuilt)"))
 
     @property
     def feature_dim(self) -> int:
@@ -183,10 +200,16 @@ class FasterRCNNDetector(Detector):
             "boxes": canvas_to_original(raw["boxes"], lb),
             "scores": raw["scores"].float().cpu().numpy(),
             "labels": (raw["labels"] - 1).to(torch.int32).cpu().numpy(),
-            "class_probs": raw["class_probs"].cpu().numpy().astype(np.float16),
+            **self._class_prob_row(raw["class_probs"].float().cpu().numpy()),
             "features": raw["features"].cpu().numpy().astype(np.float16),
             **common_row(lb),
         }
+
+
+    def _class_prob_row(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+        if self.cfg.class_probs == "dense":
+            return {cp.DENSE: probs.astype(np.float16)}
+        return cp.encode_topk(probs, self.cfg.class_probs_k)
 
 
 def run_frcnn_proposals(params: Params) -> Path:

@@ -237,3 +237,35 @@ def test_visual_stride_sets_the_token_grid(stride: int) -> None:
     assert out["fused_visual"].shape == (1, (128 // stride) * (96 // stride), 16)
     with pytest.raises(ValueError, match="stride"):
         R.build_backbone(10, None, 0.25, stride=8)
+
+
+# ---- images: students decode as the teachers (issue 22, item 1) ------------------------------------------------
+def test_student_canvas_is_the_teacher_canvas_on_an_exif_rotated_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from grounding.data.images import image_record, load_rgb
+    from grounding.data.schema import RefRecord
+    from grounding.teachers.detectors import IMAGENET_MEAN, letterbox_image
+
+    img = Image.new("RGB", (60, 40), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # red marker at the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 40 x 60
+    img.save(tmp_path / "rot.jpg", format="JPEG", quality=95, exif=exif.tobytes())
+    rec, _ = image_record(tmp_path, "r", "rot.jpg", (40, 60))
+    assert (rec.orientation, rec.width, rec.height) == ("exif", 40, 60)
+    ds = CanonicalDataset("x", tmp_path, [rec], [RefRecord("r-0", "r", "a red square", "train", (0, 0, 10, 10))])
+    teacher, lb_t = letterbox_image(load_rgb(tmp_path, rec), 64, IMAGENET_MEAN)
+    cv = C.Canvases(ds, 64)
+    student = cv.canvas("r")
+    assert student.shape == teacher.shape == (3, 64, 64)
+    assert torch.equal(student, teacher)  # pixel for pixel, padding included
+    assert cv.get("r")[1] == lb_t == cv.letterbox("r")  # decoded and recorded letterboxes agree
+    # the stored top-left marker is displayed top-right: the student sees it where the boxes say
+    assert student[0, lb_t.dy + 2, lb_t.dx + lb_t.new_w - 3] > 0.8 and student[0, lb_t.dy + 2, lb_t.dx + 2] < 0.2
+    # normalised batch: padding is exactly 0
+    x = cv.batch(["r"])
+    assert torch.allclose(x[0, :, 0, 0], torch.zeros(3), atol=1e-6)
+    # the raw decode the students used before (no EXIF transpose) gives other pixels and another size
+    with Image.open(tmp_path / "rot.jpg") as raw:
+        assert raw.convert("RGB").size == (60, 40)

@@ -19,9 +19,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from grounding import imaging
 from grounding.boxes import Letterbox
+from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.evaluate import accuracy
 from grounding.runtime import torch_threads  # noqa: F401 - re-exported for the student stages
@@ -29,8 +30,7 @@ from grounding.shards import FieldSpec, ShardSet
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = imaging.IMAGENET_MEAN, imaging.IMAGENET_STD  # grounding.imaging's (shared)
 
 
 class StudentInputError(ValueError):
@@ -73,20 +73,10 @@ def split_refs(ds: CanonicalDataset, split: str | None = None) -> list[RefRecord
 
 
 # ---- images ----------------------------------------------------------------------------------------------
-def letterbox_image(path: str | os.PathLike[str], size: int) -> tuple[torch.Tensor, Letterbox]:
-    """Decode an RGB image and letterbox it into a ``size`` square with ImageNet-mean padding; returns a
-    ``(3, size, size)`` uint8 tensor and its :class:`Letterbox`."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        lb = Letterbox.fit(im.width, im.height, size)
-        im = im.resize((lb.new_w, lb.new_h), Image.BILINEAR)
-        canvas = Image.new("RGB", (size, size), tuple(round(m * 255) for m in IMAGENET_MEAN))
-        canvas.paste(im, (lb.dx, lb.dy))
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous(), lb
-
-
 class Canvases:
-    """Letterboxed images of a dataset at one canvas size, decoded on first use and kept (uint8)."""
+    """Letterboxed images of a dataset at one canvas size, decoded on first use and kept (uint8, the
+    resized image only). :meth:`canvas` is the detector teachers' canvas pixel for pixel
+    (:func:`grounding.imaging.letterbox_image` with ImageNet-mean padding)."""
 
     def __init__(self, ds: CanonicalDataset, size: int, cache: bool = True) -> None:
         self.ds, self.size, self.cache = ds, size, cache
@@ -94,12 +84,18 @@ class Canvases:
         self._store: dict[str, tuple[torch.Tensor, Letterbox]] = {}
 
     def get(self, image_id: str) -> tuple[torch.Tensor, Letterbox]:
+        """The resized uint8 pixels ``(3, new_h, new_w)`` of an image and its letterbox."""
         if image_id in self._store:
             return self._store[image_id]
-        out = letterbox_image(self.ds.image_path(self._images[image_id]), self.size)
+        out = imaging.letterbox_pixels(load_rgb(self.ds.image_root, self._images[image_id]), self.size)
         if self.cache:
             self._store[image_id] = out
         return out
+
+    def canvas(self, image_id: str) -> torch.Tensor:
+        """``(3, S, S)`` float32 in [0, 1], padded with the ImageNet mean (as the frcnn/fcos teachers)."""
+        pixels, lb = self.get(image_id)
+        return imaging.paste_canvas(pixels, lb, imaging.IMAGENET_MEAN)
 
     def letterbox(self, image_id: str) -> Letterbox:
         """Letterbox parameters of an image (no decoding: from its recorded size)."""
@@ -107,11 +103,8 @@ class Canvases:
         return Letterbox.fit(im.width, im.height, self.size)
 
     def batch(self, image_ids: Sequence[str]) -> torch.Tensor:
-        """``(B, 3, S, S)`` float32, ImageNet-normalised."""
-        x = torch.stack([self.get(i)[0] for i in image_ids]).float().div_(255)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        """``(B, 3, S, S)`` float32, ImageNet-normalised (padding is exactly 0)."""
+        return imaging.normalise(torch.stack([self.canvas(i) for i in image_ids]))
 
 
 def resize_canvas(x: torch.Tensor, size: int) -> torch.Tensor:

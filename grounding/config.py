@@ -300,10 +300,17 @@ class TrunkParams(_Section):
     local state-dict file ``backbone_weights`` or random init (nothing is downloaded), cut at
     ``visual_stride`` (32: after ``layer4`` as TransVG; 16: after ``layer3``). Text: ``transformer``
     or ``gru`` over open_clip's BPE token ids, or ``bert`` from a local ``bert_path`` (needs
-    ``transformers``). Images are letterboxed into ``input_size`` squares (mean padding). A step takes
+    ``transformers``; its weights train at ``lr_bert`` in their own param group). ``visual_layers``: TransVG's
+    visual transformer (DETR encoder, 6 layers) on the projected ResNet tokens before fusion. Query length:
+    ``max_len`` when set, else ``max_len_refcocog`` on RefCOCOg (40: TransVG, PBREC) and ``max_len_default``
+    elsewhere (TransVG 20, PBREC 30). Box loss (``box_l1``): ``l1`` = TransVG (L1 on the normalised
+    cx, cy, w, h summed over coordinates) + ``giou_weight`` GIoU; ``smooth_l1`` the same with SmoothL1
+    (EpmVG eq. 8); ``smooth_l1_mean`` the first version here (mean SmoothL1 over xyxy). Images are
+    letterboxed into ``input_size`` squares (mean padding), decoded as the teachers decode them. A step takes
     ``batch_images`` images with all their training sentences; AdamW (``lr_backbone`` for the ResNet,
-    ``lr`` for the rest), learning rates times ``lr_gamma`` at each epoch in ``lr_drop``. ``threads``:
-    torch threads while training (fixed so CPU runs give the same numbers on any machine).
+    ``lr`` for the rest); ``lr_schedule``: ``step`` (times ``lr_gamma`` at each epoch in ``lr_drop``) or
+    ``cosine`` (to 0 over ``epochs``, per epoch). ``threads``: torch threads while training (fixed so CPU
+    runs give the same numbers on any machine).
     """
 
     input_size: int = Field(640, ge=32)
@@ -313,9 +320,12 @@ class TrunkParams(_Section):
     backbone_weights: str | None = None
     text_encoder: Literal["transformer", "gru", "bert"] = "transformer"
     bert_path: str | None = None
-    max_len: int = Field(20, ge=2)
+    max_len: int | None = Field(None, ge=2)  # null: the papers' rule (max_len_refcocog / max_len_default)
+    max_len_default: int = Field(20, ge=2)
+    max_len_refcocog: int = Field(40, ge=2)
     d_model: int = Field(256, ge=8)
     text_layers: int = Field(2, ge=1)
+    visual_layers: int = Field(6, ge=0)  # TransVG: 6 (DETR encoder)
     fusion_layers: int = Field(6, ge=1)
     heads: int = Field(8, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -323,9 +333,12 @@ class TrunkParams(_Section):
     batch_images: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     lr_backbone: float = Field(1e-5, ge=0)
+    lr_bert: float = Field(1e-5, ge=0)  # text_encoder: bert only (TransVG / EpmVG 1e-5, PBREC 1e-6)
     weight_decay: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["step", "cosine"] = "step"
     lr_drop: list[int] = Field(default_factory=lambda: [60])
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    box_l1: Literal["l1", "smooth_l1", "smooth_l1_mean"] = "l1"
     random_resize: list[int] = Field(default_factory=list)  # canvas sizes drawn per step (empty: off)
     seeds: list[int] = Field(default_factory=lambda: [0])  # one training per seed; metrics: mean and each
     threads: int | None = Field(1, ge=1)
@@ -354,7 +367,7 @@ class RecPseudoParams(TrunkParams):
     """``student-rec-pseudo``: the trunk trained on RefCLIP pseudo-boxes of ``pseudo_from`` (never GT) with
     random-resize augmentation and an EMA copy (``ema_decay``; ``ema_warmup``: decay min(d, (1+n)/(10+n))
     over the first updates, as timm's ModelEma, so short runs do not average in the random init).
-    Loss: SmoothL1 + ``giou_weight`` * GIoU."""
+    Loss: TransVG's L1 (``box_l1``) + ``giou_weight`` * GIoU."""
 
     pseudo_from: str = "refclip-pseudo"
     pseudo_split: str = "train"
@@ -366,7 +379,9 @@ class RecPseudoParams(TrunkParams):
 
 class EpmvgParams(TrunkParams):
     """``student-epmvg`` (EpmVG): GT boxes plus distillation from the cached CLIP image and text embeddings
-    (``image_from``/``text_from`` shard sets): L = SmoothL1 + giou_weight GIoU + alpha cos_v + beta cos_l.
+    (``image_from``/``text_from`` shard sets) at the beginning positions of the fusion transformer's output
+    (p'_v, p'_l; the CLIP features average-pooled to ``d_model``):
+    L = SmoothL1 (``box_l1``) + giou_weight GIoU + alpha cos_v + beta cos_l.
     ``distill: false`` trains the plain student; ``baseline: true`` also trains it beside the distilled one
     (same seeds) and reports it under ``baselines``."""
 
@@ -378,13 +393,17 @@ class EpmvgParams(TrunkParams):
     giou_weight: float = Field(1.0, ge=0)
     alpha: float = Field(1.5, ge=0)
     beta: float = Field(2.0, ge=0)
+    box_l1: Literal["l1", "smooth_l1", "smooth_l1_mean"] = "smooth_l1"  # EpmVG eq. 8
 
 
 class PbrecParams(TrunkParams):
     """``student-pbrec`` (PBREC): a point head on the trunk's fused visual tokens, trained with BCE on
     center-ness (FCOS formula, inside a 3g square around the GT box centre) and mass-ness (mask fraction of
     the g x g cell, within 2g of the mask centroid) soft targets at the cached FCOS P5 points
-    (``points_from``); inference: the ``top_k`` points by score, then IoU voting (largest sum of IoU)."""
+    (``points_from``), read one to one: the student's token grid (``input_size / visual_stride``) must be the
+    P5 grid, token k scoring point k, its sine position at the point's own coordinate (the cell corner, as
+    torchvision's FCOS anchor points); inference: the ``top_k`` points by score, then IoU voting.
+    Training as the paper: 15 epochs AdamW, cosine schedule, lr 1e-4, the BERT at 1e-6; queries 30 / 40."""
 
     points_from: str = "fcos-points"
     train_split: str = "train"
@@ -392,6 +411,11 @@ class PbrecParams(TrunkParams):
     massness_weight: float = Field(1.0, ge=0)
     score: Literal["centerness", "massness", "product"] = "centerness"
     top_k: int = Field(12, ge=1)
+    epochs: int = Field(15, ge=1)
+    lr_schedule: Literal["step", "cosine"] = "cosine"
+    lr_backbone: float = Field(1e-6, ge=0)  # the paper's, for an ImageNet ResNet (random init needs more)
+    lr_bert: float = Field(1e-6, ge=0)
+    max_len_default: int = Field(30, ge=2)
 
 
 class NceDistillParams(_Section):

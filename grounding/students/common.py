@@ -154,17 +154,33 @@ def ema_model(model: torch.nn.Module, decay: float, warmup: bool = True) -> torc
     return torch.optim.swa_utils.AveragedModel(model, avg_fn=avg_fn, use_buffers=True)
 
 
-def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: parameters under a ``backbone`` module at ``lr_backbone``, the rest at ``lr``."""
-    def is_bb(name: str) -> bool:
-        return name.startswith("backbone.") or ".backbone." in name
+def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float,
+                 lr_bert: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: parameters under a ``backbone`` module at ``lr_backbone``, under a ``bert`` module (the
+    pre-trained language model) at ``lr_bert`` (``lr`` when None), the rest at ``lr``; empty groups left out."""
+    def group(name: str) -> str:
+        if name.startswith("backbone.") or ".backbone." in name:
+            return "backbone"
+        if name.startswith("bert.") or ".bert." in name:
+            return "bert"
+        return "rest"
 
-    bb = [p for n, p in model.named_parameters() if is_bb(n) and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if not is_bb(n) and p.requires_grad]
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-    if bb:
-        groups.append({"params": bb, "lr": lr_backbone, "weight_decay": weight_decay})
-    return groups
+    rates = {"rest": lr, "backbone": lr_backbone, "bert": lr if lr_bert is None else lr_bert}
+    by: dict[str, list[torch.nn.Parameter]] = {"rest": [], "backbone": [], "bert": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            by[group(n)].append(p)
+    return [{"params": ps, "lr": rates[g], "weight_decay": weight_decay, "name": g}
+            for g, ps in by.items() if ps or g == "rest"]
+
+
+def scheduler(opt: torch.optim.Optimizer, tp: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: ``step`` (MultiStepLR at ``tp.lr_drop``, ``tp.lr_gamma``) or ``cosine``
+    (CosineAnnealingLR to 0 over ``tp.epochs``)."""
+    kind = getattr(tp, "lr_schedule", "step")
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tp.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(tp.lr_drop), gamma=tp.lr_gamma)
 
 
 LossFn = Callable[[torch.nn.Module, np.ndarray, int], tuple[torch.Tensor, dict[str, float]]]
@@ -175,10 +191,10 @@ def fit(model: torch.nn.Module, batches_fn: Callable[[torch.Generator], list[np.
         progress: bool = False, desc: str = "student") -> list[dict[str, float]]:
     """The shared loop: per epoch, ``batches_fn(gen)`` gives sentence-index batches; per batch a canvas size
     (random-resize when ``tp.random_resize``) and ``loss_fn(model, batch, size) -> (loss, parts)``;
-    AdamW with two learning rates, step drops at ``tp.lr_drop`` epochs; EMA updated after each step.
+    AdamW with the :func:`param_groups` learning rates, :func:`scheduler` per epoch; EMA updated after each step.
     Returns the per-epoch curve ``[{"epoch", "loss", <parts>...}]``."""
-    opt = torch.optim.AdamW(param_groups(model, tp.lr, tp.lr_backbone, tp.weight_decay))
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(tp.lr_drop), gamma=tp.lr_gamma)
+    opt = torch.optim.AdamW(param_groups(model, tp.lr, tp.lr_backbone, tp.weight_decay, getattr(tp, "lr_bert", None)))
+    sched = scheduler(opt, tp)
     curve: list[dict[str, float]] = []
     epochs: Any = range(tp.epochs)
     if progress:

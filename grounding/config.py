@@ -452,7 +452,9 @@ class BicmParams(_Section):
     ``td_scale`` multiplies the mean of the cached min-max-normalised QAM map inside a box: the paper's
     lambda_t = 1000 was set for raw att*ReLU(grad) maps, about 1e-3 of a [0, 1] map ("similar orders of
     magnitude"), so the default keeps lambda_t * td_scale * S_TD in [0, 1]. KAM: each ``kam_split`` image
-    paired with its most CLIP-similar query, pseudo-label where the fused score > ``thr_k``; MLP (3 FC + BN +
+    paired with its most CLIP-similar query over every ``kam_split`` query (``kam_pairing: all_queries``, the
+    paper's unpaired setting; ``own_sentences``: only the image's own sentences, a GT pairing), pseudo-label
+    where the fused score > ``thr_k`` (COM only for a query of another image: no cached QAM map for it); MLP (3 FC + BN +
     ReLU, sigmoid), Adam ``kam_lr``, ``kam_epochs``; regions with IoU >= ``kam_pos_iou`` with the pseudo
     box are positives. ``select``: the final box, ``largest_above_mean`` (the paper's rule) or ``argmax``."""
 
@@ -462,6 +464,7 @@ class BicmParams(_Section):
     thr_k: float = 0.9
     lambda_k: float = Field(1.0, ge=0)
     kam_split: str = "train"
+    kam_pairing: Literal["all_queries", "own_sentences"] = "all_queries"
     kam_epochs: int = Field(50, ge=1)
     kam_lr: float = Field(1e-4, gt=0)
     kam_batch_size: int = Field(1024, ge=2)

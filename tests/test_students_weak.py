@@ -359,3 +359,29 @@ def _only_student_modules(call):
 
 def test_iou_helper_sanity() -> None:  # the upper bound is "best proposal by IoU"
     assert box_iou(np.array([[0, 0, 2, 2]], np.float32), np.array([[0, 0, 2, 2]], np.float32))[0, 0] == 1
+
+
+def test_kam_pairs_each_image_with_its_most_similar_query_over_the_whole_query_set() -> None:
+    """Seed 001 §3.5: the unpaired setting searches every query; the image's own sentences only by option."""
+    from grounding.data.schema import RefRecord
+
+    e = lambda *v: np.array(v, np.float32) / np.linalg.norm(v)  # noqa: E731
+    refs = [RefRecord("a-0", "A", "x", "train"), RefRecord("a-1", "A", "y", "train"),
+            RefRecord("b-0", "B", "z", "train"), RefRecord("c-0", "C", "w", "val")]
+    # image A is closest to B's sentence (cos 1) and, among its own, to a-1 (cos .6 vs 0); c-0 (val) is not in
+    # the train query set although it is as close to A
+    text = {"a-0": e(0, 1, 0), "a-1": e(0.6, 0, 0.8), "b-0": e(1, 0, 0), "c-0": e(1, 0.01, 0)}
+    image = {"A": e(1, 0, 0), "B": e(0, 0, 1)}
+    inp = B.Inputs({}, np.zeros((1, 3), np.float32), image, text, {}, {}, {})
+    bp = config.BicmParams()
+    assert bp.kam_pairing == "all_queries"
+    got = {im: r.ref_id for im, r in B.kam_queries(inp, refs, bp).items()}
+    assert got == {"A": "b-0", "B": "a-1"}  # A takes B's sentence (cos 1 > .6), B takes A's a-1 (cos .8 > 0)
+    own = {im: r.ref_id for im, r in B.kam_queries(inp, refs, bp.model_copy(update={"kam_pairing": "own_sentences"})).items()}
+    assert own == {"A": "a-1", "B": "b-0"}
+    # a foreign query is scored by COM only: S_TD 0 and no P_t row
+    crops = B.ImageCrops(np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), np.stack([e(1, 0, 0), e(0, 1, 0)]),
+                         np.array([0, 0]))
+    c = B.com_candidates(crops, np.stack([e(1, 1, 0)]), e(1, 0, 0))
+    assert c.s_pq.tolist() == pytest.approx([1, 0]) and c.s_cq.tolist() == pytest.approx([np.sqrt(0.5)] * 2)
+    assert len(c.boxes) == 2 and c.s_td.tolist() == [0, 0]

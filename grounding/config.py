@@ -421,20 +421,27 @@ class PbrecParams(TrunkParams):
 class NceDistillParams(_Section):
     """NCE+Distill (SEEDS 002) on cached ``proposals_from`` regions and ``labels_from`` WordNet soft labels.
 
-    Paper values: 512-d joint space, τ = 0.5 for L_IS and L_RP, 31 in-batch negative images (batch 32),
+    Paper values (§4.1): region features standardised with the training images' statistics
+    (``standardise``), two FC layers per branch into a 512-d joint space, a 2-layer LSTM with 300-d words
+    and hidden state, max-pooled over the tokens, GloVe vectors (fixed) from a local ``glove_path`` file when
+    given (else word vectors trained from random: nothing is downloaded), Adam lr 1e-4, τ = 0.5 for L_IS and
+    L_RP (L_RP summed over a caption's phrases), 31 in-batch negative images (batch 32),
     λ = min(floor(step / lambda_step), lambda_max) with lambda_step = 200, lambda_max 1 (VG detector) or 3
-    (other detectors, as the bootstrapped one here).
+    (other detectors, as the bootstrapped one here); the default ``steps`` let λ reach lambda_max.
     ``geometry`` appends the box's relative xyxy and area to the cached RoI feature (our departure: the
     synthetic phrases name positions). ``threads``: torch threads while training (1: same bytes anywhere)."""
 
     proposals_from: str = "frcnn-proposals"
     labels_from: str = "wordnet-labels"
-    steps: int = Field(600, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)
     embed_dim: int = Field(512, ge=8)
-    word_dim: int = Field(128, ge=1)
-    hidden: int = Field(256, ge=8)
+    word_dim: int = Field(300, ge=1)
+    hidden: int = Field(300, ge=8)
+    lstm_layers: int = Field(2, ge=1)
+    glove_path: str | None = None
+    standardise: bool = True
     max_len: int = Field(20, ge=1)
     temperature: float = Field(0.5, gt=0)
     lambda_step: int = Field(200, ge=1)

@@ -27,7 +27,7 @@ from grounding.students import common as C
 
 log = logging.getLogger(__name__)
 CLIP_BPE_VOCAB = 49408  # open_clip SimpleTokenizer vocabulary (BPE merges shipped with open_clip)
-MODULES = ("grounding.students.rec", "grounding.students.common")
+MODULES = ("grounding.students.rec", "grounding.students.common", "grounding.imaging", "grounding.data.images")
 
 
 @dataclass(frozen=True)

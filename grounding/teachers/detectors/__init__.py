@@ -311,7 +311,8 @@ def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = N
              "device": det.device.type, "torch": torch.__version__, **det.extra()}
     return write_stage(
         params, stage=det.stage, modules=[type(det).__module__, __name__, "grounding.boxes",
-                                          "grounding.data.images", "grounding.teachers.detectors.tiny"],
+                                          "grounding.data.images", "grounding.imaging",
+                                          "grounding.teachers.detectors.tiny"],
         level=det.level, fields=det.fields(), item_keys=[im.image_id for im in ds.images],
         rows=lambda todo: iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
         stage_params=det.output_params(), inputs={"dataset": ds.fingerprint()}, teacher=det.identity(),

@@ -360,10 +360,17 @@ class TrunkParams(_Section):
     local state-dict file ``backbone_weights`` or random init (nothing is downloaded), cut at
     ``visual_stride`` (32: after ``layer4`` as TransVG; 16: after ``layer3``). Text: ``transformer``
     or ``gru`` over open_clip's BPE token ids, or ``bert`` from a local ``bert_path`` (needs
-    ``transformers``). Images are letterboxed into ``input_size`` squares (mean padding). A step takes
+    ``transformers``; its weights train at ``lr_bert`` in their own param group). ``visual_layers``: TransVG's
+    visual transformer (DETR encoder, 6 layers) on the projected ResNet tokens before fusion. Query length:
+    ``max_len`` when set, else ``max_len_refcocog`` on RefCOCOg (40: TransVG, PBREC) and ``max_len_default``
+    elsewhere (TransVG 20, PBREC 30). Box loss (``box_l1``): ``l1`` = TransVG (L1 on the normalised
+    cx, cy, w, h summed over coordinates) + ``giou_weight`` GIoU; ``smooth_l1`` the same with SmoothL1
+    (EpmVG eq. 8); ``smooth_l1_mean`` the first version here (mean SmoothL1 over xyxy). Images are
+    letterboxed into ``input_size`` squares (mean padding), decoded as the teachers decode them. A step takes
     ``batch_images`` images with all their training sentences; AdamW (``lr_backbone`` for the ResNet,
-    ``lr`` for the rest), learning rates times ``lr_gamma`` at each epoch in ``lr_drop``. ``threads``:
-    torch threads while training (fixed so CPU runs give the same numbers on any machine).
+    ``lr`` for the rest); ``lr_schedule``: ``step`` (times ``lr_gamma`` at each epoch in ``lr_drop``) or
+    ``cosine`` (to 0 over ``epochs``, per epoch). ``threads``: torch threads while training (fixed so CPU
+    runs give the same numbers on any machine).
     """
 
     input_size: int = Field(640, ge=32)
@@ -373,9 +380,12 @@ class TrunkParams(_Section):
     backbone_weights: str | None = None
     text_encoder: Literal["transformer", "gru", "bert"] = "transformer"
     bert_path: str | None = None
-    max_len: int = Field(20, ge=2)
+    max_len: int | None = Field(None, ge=2)  # null: the papers' rule (max_len_refcocog / max_len_default)
+    max_len_default: int = Field(20, ge=2)
+    max_len_refcocog: int = Field(40, ge=2)
     d_model: int = Field(256, ge=8)
     text_layers: int = Field(2, ge=1)
+    visual_layers: int = Field(6, ge=0)  # TransVG: 6 (DETR encoder)
     fusion_layers: int = Field(6, ge=1)
     heads: int = Field(8, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -383,9 +393,12 @@ class TrunkParams(_Section):
     batch_images: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     lr_backbone: float = Field(1e-5, ge=0)
+    lr_bert: float = Field(1e-5, ge=0)  # text_encoder: bert only (TransVG / EpmVG 1e-5, PBREC 1e-6)
     weight_decay: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["step", "cosine"] = "step"
     lr_drop: list[int] = Field(default_factory=lambda: [60])
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    box_l1: Literal["l1", "smooth_l1", "smooth_l1_mean"] = "l1"
     random_resize: list[int] = Field(default_factory=list)  # canvas sizes drawn per step (empty: off)
     seeds: list[int] = Field(default_factory=lambda: [0])  # one training per seed; metrics: mean and each
     threads: int | None = Field(1, ge=1)
@@ -414,7 +427,7 @@ class RecPseudoParams(TrunkParams):
     """``student-rec-pseudo``: the trunk trained on RefCLIP pseudo-boxes of ``pseudo_from`` (never GT) with
     random-resize augmentation and an EMA copy (``ema_decay``; ``ema_warmup``: decay min(d, (1+n)/(10+n))
     over the first updates, as timm's ModelEma, so short runs do not average in the random init).
-    Loss: SmoothL1 + ``giou_weight`` * GIoU."""
+    Loss: TransVG's L1 (``box_l1``) + ``giou_weight`` * GIoU."""
 
     pseudo_from: str = "refclip-pseudo"
     pseudo_split: str = "train"
@@ -426,7 +439,9 @@ class RecPseudoParams(TrunkParams):
 
 class EpmvgParams(TrunkParams):
     """``student-epmvg`` (EpmVG): GT boxes plus distillation from the cached CLIP image and text embeddings
-    (``image_from``/``text_from`` shard sets): L = SmoothL1 + giou_weight GIoU + alpha cos_v + beta cos_l.
+    (``image_from``/``text_from`` shard sets) at the beginning positions of the fusion transformer's output
+    (p'_v, p'_l; the CLIP features average-pooled to ``d_model``):
+    L = SmoothL1 (``box_l1``) + giou_weight GIoU + alpha cos_v + beta cos_l.
     ``distill: false`` trains the plain student; ``baseline: true`` also trains it beside the distilled one
     (same seeds) and reports it under ``baselines``."""
 
@@ -438,13 +453,17 @@ class EpmvgParams(TrunkParams):
     giou_weight: float = Field(1.0, ge=0)
     alpha: float = Field(1.5, ge=0)
     beta: float = Field(2.0, ge=0)
+    box_l1: Literal["l1", "smooth_l1", "smooth_l1_mean"] = "smooth_l1"  # EpmVG eq. 8
 
 
 class PbrecParams(TrunkParams):
     """``student-pbrec`` (PBREC): a point head on the trunk's fused visual tokens, trained with BCE on
     center-ness (FCOS formula, inside a 3g square around the GT box centre) and mass-ness (mask fraction of
     the g x g cell, within 2g of the mask centroid) soft targets at the cached FCOS P5 points
-    (``points_from``); inference: the ``top_k`` points by score, then IoU voting (largest sum of IoU)."""
+    (``points_from``), read one to one: the student's token grid (``input_size / visual_stride``) must be the
+    P5 grid, token k scoring point k, its sine position at the point's own coordinate (the cell corner, as
+    torchvision's FCOS anchor points); inference: the ``top_k`` points by score, then IoU voting.
+    Training as the paper: 15 epochs AdamW, cosine schedule, lr 1e-4, the BERT at 1e-6; queries 30 / 40."""
 
     points_from: str = "fcos-points"
     train_split: str = "train"
@@ -452,25 +471,37 @@ class PbrecParams(TrunkParams):
     massness_weight: float = Field(1.0, ge=0)
     score: Literal["centerness", "massness", "product"] = "centerness"
     top_k: int = Field(12, ge=1)
+    epochs: int = Field(15, ge=1)
+    lr_schedule: Literal["step", "cosine"] = "cosine"
+    lr_backbone: float = Field(1e-6, ge=0)  # the paper's, for an ImageNet ResNet (random init needs more)
+    lr_bert: float = Field(1e-6, ge=0)
+    max_len_default: int = Field(30, ge=2)
 
 
 class NceDistillParams(_Section):
     """NCE+Distill (SEEDS 002) on cached ``proposals_from`` regions and ``labels_from`` WordNet soft labels.
 
-    Paper values: 512-d joint space, τ = 0.5 for L_IS and L_RP, 31 in-batch negative images (batch 32),
+    Paper values (§4.1): region features standardised with the training images' statistics
+    (``standardise``), two FC layers per branch into a 512-d joint space, a 2-layer LSTM with 300-d words
+    and hidden state, max-pooled over the tokens, GloVe vectors (fixed) from a local ``glove_path`` file when
+    given (else word vectors trained from random: nothing is downloaded), Adam lr 1e-4, τ = 0.5 for L_IS and
+    L_RP (L_RP summed over a caption's phrases), 31 in-batch negative images (batch 32),
     λ = min(floor(step / lambda_step), lambda_max) with lambda_step = 200, lambda_max 1 (VG detector) or 3
-    (other detectors, as the bootstrapped one here).
+    (other detectors, as the bootstrapped one here); the default ``steps`` let λ reach lambda_max.
     ``geometry`` appends the box's relative xyxy and area to the cached RoI feature (our departure: the
     synthetic phrases name positions). ``threads``: torch threads while training (1: same bytes anywhere)."""
 
     proposals_from: str = "frcnn-proposals"
     labels_from: str = "wordnet-labels"
-    steps: int = Field(600, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)
     embed_dim: int = Field(512, ge=8)
-    word_dim: int = Field(128, ge=1)
-    hidden: int = Field(256, ge=8)
+    word_dim: int = Field(300, ge=1)
+    hidden: int = Field(300, ge=8)
+    lstm_layers: int = Field(2, ge=1)
+    glove_path: str | None = None
+    standardise: bool = True
     max_len: int = Field(20, ge=1)
     temperature: float = Field(0.5, gt=0)
     lambda_step: int = Field(200, ge=1)
@@ -488,7 +519,9 @@ class BicmParams(_Section):
     ``td_scale`` multiplies the mean of the cached min-max-normalised QAM map inside a box: the paper's
     lambda_t = 1000 was set for raw att*ReLU(grad) maps, about 1e-3 of a [0, 1] map ("similar orders of
     magnitude"), so the default keeps lambda_t * td_scale * S_TD in [0, 1]. KAM: each ``kam_split`` image
-    paired with its most CLIP-similar query, pseudo-label where the fused score > ``thr_k``; MLP (3 FC + BN +
+    paired with its most CLIP-similar query over every ``kam_split`` query (``kam_pairing: all_queries``, the
+    paper's unpaired setting; ``own_sentences``: only the image's own sentences, a GT pairing), pseudo-label
+    where the fused score > ``thr_k`` (COM only for a query of another image: no cached QAM map for it); MLP (3 FC + BN +
     ReLU, sigmoid), Adam ``kam_lr``, ``kam_epochs``; regions with IoU >= ``kam_pos_iou`` with the pseudo
     box are positives. ``select``: the final box, ``largest_above_mean`` (the paper's rule) or ``argmax``."""
 
@@ -498,6 +531,7 @@ class BicmParams(_Section):
     thr_k: float = 0.9
     lambda_k: float = Field(1.0, ge=0)
     kam_split: str = "train"
+    kam_pairing: Literal["all_queries", "own_sentences"] = "all_queries"
     kam_epochs: int = Field(50, ge=1)
     kam_lr: float = Field(1e-4, gt=0)
     kam_batch_size: int = Field(1024, ge=2)

@@ -33,15 +33,16 @@ def _write(path: Path, stage: str, level: str, fields: tuple, rows: dict, finger
 
 
 def _fcos_rows(ds: CanonicalDataset, rng: np.random.Generator) -> dict:
-    """4x4 P5 points of a 128 letterbox per image; each point's box is a random box around it, except that
-    the point nearest each GT box centre carries (a jittered copy of) that GT box."""
+    """4x4 P5 points of a 128 letterbox per image at torchvision's FCOS anchor points (``i * 32``, the cell
+    corners); each point's box is a random box around it, except that the point nearest each GT box centre
+    carries (a jittered copy of) that GT box."""
     out = {}
     by_image: dict[str, list] = {}
     for r in ds.refs:
         by_image.setdefault(r.image_id, []).append(r.box)
     for im in ds.images:
         lb = Letterbox.fit(im.width, im.height, 128)
-        c = (np.arange(4) + 0.5) * 32
+        c = np.arange(4) * 32.0
         xs, ys = np.meshgrid(c, c)
         canvas = np.stack([xs.ravel(), ys.ravel()], 1)
         pts = np.stack([(canvas[:, 0] - lb.dx) / lb.scale, (canvas[:, 1] - lb.dy) / lb.scale], 1).astype(np.float32)
@@ -79,7 +80,9 @@ def _params(tmp: Path, *extra: str) -> config.Params:
     sets = [f"students.{s}.{t}" for s in ("rec", "epmvg", "pbrec") for t in TINY]
     return config.load(None, [f"dataset.synthetic.n_images={N_IMAGES}", "progress=false",
                               *(f"paths.{k}={tmp}/{k}" for k in ("prepared", "teachers", "students", "models", "metrics")),
-                              *sets, "students.rec.random_resize=[32,64]", *extra])
+                              *sets, "students.rec.random_resize=[32,64]", "students.pbrec.visual_stride=16",
+                              "students.rec.visual_layers=1", "students.epmvg.visual_layers=1",
+                              "students.pbrec.visual_layers=1", "students.pbrec.epochs=2", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +240,185 @@ def test_visual_stride_sets_the_token_grid(stride: int) -> None:
     assert out["fused_visual"].shape == (1, (128 // stride) * (96 // stride), 16)
     with pytest.raises(ValueError, match="stride"):
         R.build_backbone(10, None, 0.25, stride=8)
+
+
+# ---- images: students decode as the teachers (issue 22, item 1) ------------------------------------------------
+def test_student_canvas_is_the_teacher_canvas_on_an_exif_rotated_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from grounding.data.images import image_record, load_rgb
+    from grounding.data.schema import RefRecord
+    from grounding.teachers.detectors import IMAGENET_MEAN, letterbox_image
+
+    img = Image.new("RGB", (60, 40), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # red marker at the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 40 x 60
+    img.save(tmp_path / "rot.jpg", format="JPEG", quality=95, exif=exif.tobytes())
+    rec, _ = image_record(tmp_path, "r", "rot.jpg", (40, 60))
+    assert (rec.orientation, rec.width, rec.height) == ("exif", 40, 60)
+    ds = CanonicalDataset("x", tmp_path, [rec], [RefRecord("r-0", "r", "a red square", "train", (0, 0, 10, 10))])
+    teacher, lb_t = letterbox_image(load_rgb(tmp_path, rec), 64, IMAGENET_MEAN)
+    cv = C.Canvases(ds, 64)
+    student = cv.canvas("r")
+    assert student.shape == teacher.shape == (3, 64, 64)
+    assert torch.equal(student, teacher)  # pixel for pixel, padding included
+    assert cv.get("r")[1] == lb_t == cv.letterbox("r")  # decoded and recorded letterboxes agree
+    # the stored top-left marker is displayed top-right: the student sees it where the boxes say
+    assert student[0, lb_t.dy + 2, lb_t.dx + lb_t.new_w - 3] > 0.8 and student[0, lb_t.dy + 2, lb_t.dx + 2] < 0.2
+    # normalised batch: padding is exactly 0
+    x = cv.batch(["r"])
+    assert torch.allclose(x[0, :, 0, 0], torch.zeros(3), atol=1e-6)
+    # the raw decode the students used before (no EXIF transpose) gives other pixels and another size
+    with Image.open(tmp_path / "rot.jpg") as raw:
+        assert raw.convert("RGB").size == (60, 40)
+
+
+# ---- the papers' rules (issue 22) ------------------------------------------------------------------------------
+def test_box_loss_is_transvg_l1_summed_over_normalised_cxcywh_plus_giou() -> None:
+    from grounding.students import rec as R
+
+    pred, target = torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    # cxcywh (0.25, 0.25, 0.5, 0.5) vs (0.5, 0.5, 1, 1): |d| = 0.25 + 0.25 + 0.5 + 0.5 = 1.5; IoU 0.25, hull = target
+    loss, parts = R.box_loss(pred, target, 1.0, "l1")
+    assert parts["l1"] == pytest.approx(1.5) and parts["giou"] == pytest.approx(0.75) and float(loss) == pytest.approx(2.25)
+    _, parts = R.box_loss(pred, target, 1.0, "smooth_l1")  # EpmVG eq. 8: 0.5 d^2 summed
+    assert parts["smooth_l1"] == pytest.approx(0.5 * (0.0625 * 2 + 0.25 * 2))
+    _, parts = R.box_loss(pred, target, 1.0, "smooth_l1_mean")  # the old term: xyxy d = (0, 0, .5, .5), mean
+    assert parts["smooth_l1_mean"] == pytest.approx(0.5 * 0.25 * 2 / 4)
+    two = torch.cat([pred, target]), torch.cat([target, target])  # a perfect row halves the batch mean
+    assert R.box_loss(*two, 1.0, "l1")[1]["l1"] == pytest.approx(0.75)
+
+
+def test_visual_encoder_adds_positions_to_queries_and_keys_only() -> None:
+    from grounding.students import rec as R
+
+    torch.manual_seed(0)
+    enc = R.VisualEncoder(8, 2, 2, 0.0).eval()
+    x = torch.randn(1, 1, 8).expand(1, 6, 8).contiguous()  # six identical tokens
+    pos = torch.randn(6, 8)
+    with torch.no_grad():
+        y = enc(x, pos)
+        y0 = enc(x, torch.zeros(6, 8))
+    # identical values: attention returns them whatever the weights, so positions on q/k cannot change y
+    assert torch.allclose(y, y0, atol=1e-5) and torch.allclose(y[0, 0], y[0, 5], atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(enc(x + pos, torch.zeros(6, 8)), y0, atol=1e-3)  # adding them to the input does
+    assert len(R.VisualEncoder(8, 2, 6, 0.1).layers) == 6 and config.TrunkParams().visual_layers == 6
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, visual_layers=0, fusion_layers=1, heads=2,
+                      max_len=8)
+    assert len(R.RecStudent(cfg).visual_encoder.layers) == 0
+
+
+def test_query_length_rule_40_on_refcocog() -> None:
+    from grounding.students import rec as R
+
+    class _DS:
+        def __init__(self, name: str, dataset: str) -> None:
+            self.name, self.source = name, {"dataset": dataset}
+
+    rec, pb = config.RecPseudoParams(), config.PbrecParams()
+    assert R.query_length(rec, _DS("refcocog", "gref_umd")) == 40 and R.query_length(rec, _DS("x", "unc")) == 20
+    assert R.query_length(pb, _DS("g", "refcocog")) == 40 and R.query_length(pb, _DS("x", "unc+")) == 30
+    assert R.query_length(rec, None) == 20
+    assert R.query_length(rec.model_copy(update={"max_len": 12}), _DS("refcocog", "gref")) == 12
+    assert R.RecConfig.from_params(rec, _DS("refcocog", "gref")).max_len == 40
+
+
+def test_epmvg_distils_the_fused_beginning_tokens_with_clip_pooled_to_the_student_width() -> None:
+    from grounding.students import epmvg as E
+    from grounding.students import rec as R
+
+    assert E.clip_to_width(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 2).tolist() == [[1.5, 3.5]]
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, visual_layers=1, fusion_layers=2, heads=2,
+                      max_len=8, dropout=0.0)
+    torch.manual_seed(0)
+    model = R.RecStudent(cfg)
+    ids = torch.tensor([[1, 5, 6, 2, 0, 0, 0, 0]] * 2)
+    out = model(torch.randn(1, 3, 64, 64), torch.tensor([0, 0]), ids, ids == 0)
+    v, t = E.beginning_tokens(out)
+    n = out["fused_visual"].shape[1]
+    assert v.shape == t.shape == (2, 16) and out["fused_text"].shape == (2, 8, 16)
+    cos_v, cos_l = E.distill_loss(v, t, E.clip_to_width(torch.randn(2, 32), 16), E.clip_to_width(torch.randn(2, 32), 16))
+    (cos_v + cos_l).backward()
+    last = model.fusion.layers[-1].linear2.weight.grad
+    assert last is not None and float(last.abs().sum()) > 0  # the fusion transformer gets the signal
+    assert model.box_head[0].weight.grad is None  # the distillation terms do not touch the box head
+    assert n == 4
+
+
+def test_pbrec_points_are_the_student_tokens_one_to_one() -> None:
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from grounding.students import rec as R
+
+    # torchvision's FCOS P5 points of a 128 canvas: the anchor centres, at i * 32 (cell corners)
+    gen = AnchorGenerator(((32,),), ((1.0,),))
+    anchors = gen(ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)]), [torch.zeros(1, 8, 4, 4)])[0]
+    pts = ((anchors[:, :2] + anchors[:, 2:]) / 2) / 128
+    assert pts[:5].tolist() == [[0.0, 0.0], [0.25, 0.0], [0.5, 0.0], [0.75, 0.0], [0.0, 0.25]]
+    assert P.p5_token_index(pts, (4, 4)).tolist() == list(range(16))
+    with pytest.raises(ValueError, match="one to one"):
+        P.p5_token_index(pts, (2, 2))  # a coarser student grid would need interpolation
+    with pytest.raises(ValueError, match="one to one"):
+        P.p5_token_index(pts + 0.5 / 4, (4, 4))  # the half-cell shift of token centres
+    # the point head reads token k for point k (a 64-px canvas at stride 16 is the 4x4 grid of the 128 FCOS one)
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, visual_layers=1, fusion_layers=1, heads=2,
+                      max_len=8, visual_stride=16)
+    torch.manual_seed(0)
+    model = P.PointStudent(cfg).eval()
+    assert model.trunk.cfg.token_origin == 0.0
+    ids = torch.tensor([[1, 5, 2, 0, 0, 0, 0, 0]])
+    perm = torch.randperm(16).unsqueeze(0)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64), torch.tensor([0]), ids, ids == 0, perm)
+        direct = model.point_head(out["fused_visual"])
+    assert torch.equal(out["point_logits"][0], direct[0, perm[0]])
+    # the sine positions sit at the points: token (0, 1) of a 4x4 grid at x = 1/4, y = 0
+    assert torch.allclose(R.sine_positions(4, 4, 16, 0.0)[1], R.sine_positions(8, 8, 16, 0.0)[2])
+
+
+def test_param_groups_bert_and_cosine_schedule() -> None:
+    net = torch.nn.Module()
+    net.backbone = torch.nn.Linear(2, 2)
+    net.text = torch.nn.Module()
+    net.text.bert = torch.nn.Linear(2, 2)
+    net.head = torch.nn.Linear(2, 2)
+    groups = C.param_groups(net, 1e-4, 1e-5, 0.0, lr_bert=1e-6)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("rest", 1e-4, 2), ("backbone", 1e-5, 2),
+                                                                       ("bert", 1e-6, 2)]
+    opt = torch.optim.AdamW(groups)
+    tp = config.PbrecParams()
+    assert (tp.epochs, tp.lr, tp.lr_schedule, tp.lr_bert) == (15, 1e-4, "cosine", 1e-6)
+    sched = C.scheduler(opt, tp)
+    for _ in range(15):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert config.EpmvgParams().lr_bert == 1e-5 and config.EpmvgParams().box_l1 == "smooth_l1"
+
+
+def test_bert_text_encoder_from_a_local_directory(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from grounding.students import rec as R
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "square", "left", "of", "a", "blue"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   max_position_embeddings=32)).save_pretrained(tmp_path)
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, visual_layers=1, fusion_layers=1, heads=2,
+                      max_len=8, text_encoder="bert", bert_path=str(tmp_path))
+    ids, pad = R.Tokenizer(cfg)(["the red square", "a blue square left of the red square"])
+    assert ids[0, :5].tolist() == [2, 5, 6, 7, 3] and pad[0].tolist() == [False] * 5 + [True] * 3
+    model = R.RecStudent(cfg)
+    out = model(torch.randn(1, 3, 64, 64), torch.tensor([0, 0]), ids, pad)
+    assert out["box"].shape == (2, 4) and out["fused_text"].shape == (2, 8, 16)
+    groups = {g["name"]: g for g in C.param_groups(model, 1e-4, 1e-5, 0.0, lr_bert=1e-5)}
+    n_bert = sum(p.numel() for p in model.text.bert.parameters())
+    assert groups["bert"]["lr"] == 1e-5 and sum(p.numel() for p in groups["bert"]["params"]) == n_bert
+    with pytest.raises(ValueError, match="bert_path"):
+        R.Tokenizer(R.RecConfig(text_encoder="bert", bert_path=None))

@@ -219,7 +219,7 @@ def test_forked_variants_equal_separate_runs(world: config.Params) -> None:
         alone = N.train(caps, regions, cfg, np_, seed=0, variants=(name,))[name][0].state_dict()
         for k, v in both[name][0].state_dict().items():
             assert torch.equal(v, alone[k]), (name, k)
-    assert not torch.equal(both["distill"][0].region.weight, both["no_distill"][0].region.weight)
+    assert not torch.equal(both["distill"][0].region[0].weight, both["no_distill"][0].region[0].weight)
     assert [p["lambda"] for p in both["distill"][1]][-1] == 1.0
 
 
@@ -391,3 +391,85 @@ def test_regions_from_topk_class_probs_match_dense(world: config.Params, tmp_pat
     ta, va = N.batch_targets(N.build_captions(train, a, lab, ["<pad>", "<unk>"], 8), a, np.arange(4))
     tb, vb = N.batch_targets(N.build_captions(train, b, lab, ["<pad>", "<unk>"], 8), b, np.arange(4))
     assert torch.equal(va, vb) and (ta - tb).abs().max() < 0.1
+
+
+def test_kam_pairs_each_image_with_its_most_similar_query_over_the_whole_query_set() -> None:
+    """Seed 001 §3.5: the unpaired setting searches every query; the image's own sentences only by option."""
+    from grounding.data.schema import RefRecord
+
+    e = lambda *v: np.array(v, np.float32) / np.linalg.norm(v)  # noqa: E731
+    refs = [RefRecord("a-0", "A", "x", "train"), RefRecord("a-1", "A", "y", "train"),
+            RefRecord("b-0", "B", "z", "train"), RefRecord("c-0", "C", "w", "val")]
+    # image A is closest to B's sentence (cos 1) and, among its own, to a-1 (cos .6 vs 0); c-0 (val) is not in
+    # the train query set although it is as close to A
+    text = {"a-0": e(0, 1, 0), "a-1": e(0.6, 0, 0.8), "b-0": e(1, 0, 0), "c-0": e(1, 0.01, 0)}
+    image = {"A": e(1, 0, 0), "B": e(0, 0, 1)}
+    inp = B.Inputs({}, np.zeros((1, 3), np.float32), image, text, {}, {}, {})
+    bp = config.BicmParams()
+    assert bp.kam_pairing == "all_queries"
+    got = {im: r.ref_id for im, r in B.kam_queries(inp, refs, bp).items()}
+    assert got == {"A": "b-0", "B": "a-1"}  # A takes B's sentence (cos 1 > .6), B takes A's a-1 (cos .8 > 0)
+    own = {im: r.ref_id for im, r in B.kam_queries(inp, refs, bp.model_copy(update={"kam_pairing": "own_sentences"})).items()}
+    assert own == {"A": "a-1", "B": "b-0"}
+    # a foreign query is scored by COM only: S_TD 0 and no P_t row
+    crops = B.ImageCrops(np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), np.stack([e(1, 0, 0), e(0, 1, 0)]),
+                         np.array([0, 0]))
+    c = B.com_candidates(crops, np.stack([e(1, 1, 0)]), e(1, 0, 0))
+    assert c.s_pq.tolist() == pytest.approx([1, 0]) and c.s_cq.tolist() == pytest.approx([np.sqrt(0.5)] * 2)
+    assert len(c.boxes) == 2 and c.s_td.tolist() == [0, 0]
+
+
+def test_nce_distill_architecture_and_schedule_as_the_paper(tmp_path: Path) -> None:
+    """Seed 002 §4.1: two FC layers per branch, 2-layer 300-d LSTM max-pooled, Adam 1e-4, λ reaches b."""
+    p = config.NceDistillParams()
+    assert (p.word_dim, p.hidden, p.lstm_layers, p.embed_dim, p.lr) == (300, 300, 2, 512, 1e-4)
+    assert N.staircase(p.steps - 1, p.lambda_step, p.lambda_max) == p.lambda_max  # b within the default schedule
+    cfg = N.NceDistillConfig(vocab_size=6, feature_dim=3, embed_dim=4, word_dim=2, hidden=3, max_len=4)
+    torch.manual_seed(0)
+    m = N.NceDistill(cfg).eval()
+    assert [type(x).__name__ for x in m.region] == ["Linear", "ReLU", "Linear"]
+    assert [type(x).__name__ for x in m.phrase] == ["Linear", "ReLU", "Linear"] and m.lstm.num_layers == 2
+    # max pooling over the real tokens: the phrase embedding is phrase(max_t h_t), padding left out
+    ids = torch.tensor([[2, 3, 4, 0]])
+    with torch.no_grad():
+        hs, _ = m.lstm(m.embedding(ids[:, :3]))
+        want = torch.nn.functional.normalize(m.phrase(hs.amax(dim=1)), dim=-1)
+        assert torch.allclose(m.embed_phrases(ids), want, atol=1e-6)
+    # GloVe from a local file: the vocabulary's rows, fixed
+    (tmp_path / "glove.txt").write_text("red 1 2\nsquare 3 4\nother 5 6\n")
+    vec, found = N.load_glove(tmp_path / "glove.txt", ["<pad>", "<unk>", "red", "square", "blue"], 2)
+    assert found == 2 and vec.tolist() == [[0, 0], [0, 0], [1, 2], [3, 4], [0, 0]]
+    g = N.NceDistill(N.NceDistillConfig(5, 3, 4, 2, 3, 4), vec)
+    assert not g.embedding.weight.requires_grad and torch.equal(g.embedding.weight, vec)
+    with pytest.raises(ValueError, match="glove.txt:1.*word_dim=3"):
+        N.load_glove(tmp_path / "glove.txt", ["red"], 3)
+
+
+def test_region_features_standardised_with_training_statistics() -> None:
+    feats = torch.tensor([[[1.0, 10.0], [3.0, 30.0], [0.0, 0.0]], [[5.0, 50.0], [7.0, 70.0], [9.0, 90.0]]])
+    mask = np.array([[True, True, False], [True, True, True]])
+    regions = N.Regions(["a", "b"], np.zeros((2, 3, 4), np.float32), mask, feats, np.zeros((2, 3, 1), np.float32),
+                        np.zeros((2, 3), np.float32), np.zeros((2, 3), np.int32), ["x"])
+    mean, std = N.standardise(regions, [0])  # stats of image a's two real regions: mean (2, 20), std (1, 10)
+    assert mean.tolist() == [2, 20] and std.tolist() == [1, 10]
+    assert regions.features[0].tolist() == [[-1, -1], [1, 1], [0, 0]]  # padding stays 0
+    assert regions.features[1, 2].tolist() == [7, 7]
+
+
+def test_l_rp_is_summed_over_a_captions_phrases() -> None:
+    """Eq. 4 sums over the phrases of a caption: two phrases with targets count twice one phrase's loss."""
+    regions = N.Regions(["a"], np.zeros((1, 2, 4), np.float32), np.array([[True, True]]), torch.zeros(1, 2, 3),
+                        np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32), np.ones((1, 2), np.float32),
+                        np.zeros((1, 2), np.int32), ["x", "y"])
+    vocab = ["<pad>", "<unk>", "x", "y"]
+    from grounding.data.schema import RefRecord
+
+    refs = [RefRecord("a-0", "a", "x", "train"), RefRecord("a-1", "a", "y", "train")]
+    lab = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    cfg = N.NceDistillConfig(4, 3, 4, 2, 3, 2)
+    torch.manual_seed(0)
+    m = N.NceDistill(cfg)
+    both = N.build_captions(refs, regions, lab, vocab, 2)
+    # all-zero region features: both regions score alike, log softmax = log(1/2) for every phrase
+    _, l_rp, n = N.losses(m, both, regions, np.array([0]), 0.5)
+    assert n == 2 and float(l_rp.detach()) == pytest.approx(2 * np.log(2), rel=1e-5)

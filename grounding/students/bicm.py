@@ -10,11 +10,14 @@ embedded, plus the QAM box P_t (``qam``):
   (largest IoU) — our departure, forced by running no teacher here.
 * ``S_TD`` = mean of the QAM map (bilinearly upsampled to the image, min-max normalised) inside the box
   (Eq. 9), scaled by ``td_scale``; ``S = S_BU + λ_t S_TD`` (Eq. 10).
-* KAM: each ``kam_split`` image is paired with its most CLIP-similar query (cosine of the cached image and
-  text embeddings; the QAM cache covers an image's own sentences, so the search runs over those); where the
-  fused score of the selected box exceeds ``Thr_k`` it is a pseudo label. An MLP (3 FC with BN and ReLU,
-  sigmoid) on [image, crop, class-name, query] embeddings learns ``S_KAM`` (BCE, candidates with IoU >=
-  ``kam_pos_iou`` with the pseudo box positive); ``Sim = S + λ_k S_KAM`` (Eq. 11).
+* KAM: each ``kam_split`` image is paired with its most CLIP-similar query over the whole unpaired query set
+  of ``kam_split`` (cosine of the cached image and text embeddings, seed 001 §3.5; ``kam_pairing:
+  own_sentences`` restricts the search to the image's own sentences, which uses the GT pairing the unpaired
+  setting does not have). The QAM cache holds a map per (sentence, its own image) only, so a pair whose query
+  belongs to another image is scored by COM alone (S_TD = 0, no P_t) — our departure, forced by running no
+  teacher here. Where the fused score of the selected box exceeds ``Thr_k`` it is a pseudo label. An MLP
+  (3 FC with BN and ReLU, sigmoid) on [image, crop, class-name, query] embeddings learns ``S_KAM`` (BCE,
+  candidates with IoU >= ``kam_pos_iou`` with the pseudo box positive); ``Sim = S + λ_k S_KAM`` (Eq. 11).
 * Final box: the largest box among the candidates scoring above their mean (the paper's rule for one
   referent per query), or the arg-max (``select: argmax``).
 
@@ -282,22 +285,56 @@ def fused(c: Candidates, bp: Any) -> np.ndarray:
     return c.s_pq + c.s_cq + bp.lambda_t * bp.td_scale * c.s_td
 
 
-def pseudo_labels(inp: Inputs, cands: dict[str, Candidates], refs: Sequence[RefRecord], bp: Any) -> list[tuple[str, int, float]]:
-    """KAM pairs: per ``kam_split`` image, its most CLIP-similar query; ``(ref_id, selected candidate,
-    fused score)`` of the pairs whose selected box scores above ``thr_k``."""
-    by_image: dict[str, list[RefRecord]] = {}
-    for r in refs:
-        if r.split == bp.kam_split:
-            by_image.setdefault(r.image_id, []).append(r)
+@dataclass(frozen=True)
+class KamPair:
+    """One KAM pseudo label: the image, its paired query (``ref_id``, maybe of another image), that pair's
+    candidates, the selected candidate ``j`` and its fused score."""
+
+    image_id: str
+    ref_id: str
+    cand: Candidates
+    j: int
+    score: float
+
+
+def com_candidates(crops: ImageCrops, class_emb: np.ndarray, query: np.ndarray) -> Candidates:
+    """COM-only candidates (the ``K`` crops, S_TD = 0, no P_t) of a query on an image whose QAM map was never
+    cached (a query of another image)."""
+    q = _unit(query)
+    k = len(crops.boxes)
+    return Candidates(crops.boxes, (crops.embedding @ q).astype(np.float32), (class_emb @ q)[crops.cls].astype(np.float32),
+                      np.zeros(k, np.float32), np.arange(k, dtype=np.int64), crops.cls.astype(np.int64))
+
+
+def kam_queries(inp: Inputs, refs: Sequence[RefRecord], bp: Any) -> dict[str, RefRecord]:
+    """Image -> its paired query: the ``kam_split`` query with the highest CLIP image-text cosine, searched
+    over every ``kam_split`` query (``kam_pairing: all_queries``, the paper) or over the image's own
+    sentences (``own_sentences``). Ties: the first query in ref-id order."""
+    pool = [r for r in refs if r.split == bp.kam_split]
+    images = sorted({r.image_id for r in pool})
+    if not pool:
+        return {}
+    if bp.kam_pairing == "own_sentences":
+        out = {}
+        for im in images:
+            rs = [r for r in pool if r.image_id == im]
+            out[im] = rs[int(np.argmax([float(inp.image_emb[im] @ inp.text_emb[r.ref_id]) for r in rs]))]
+        return out
+    q = np.stack([inp.text_emb[r.ref_id] for r in pool])  # [M,D] unit
+    sims = np.stack([inp.image_emb[im] for im in images]) @ q.T  # [I,M]
+    return {im: pool[int(j)] for im, j in zip(images, np.argmax(sims, axis=1))}
+
+
+def pseudo_labels(inp: Inputs, cands: dict[str, Candidates], refs: Sequence[RefRecord], bp: Any) -> list[KamPair]:
+    """KAM pseudo labels: per ``kam_split`` image its :func:`kam_queries` query; the pairs whose selected box
+    scores above ``thr_k`` (own queries: COM + QAM fused score; foreign ones: COM only)."""
     out = []
-    for im, rs in sorted(by_image.items()):
-        sims = [float(inp.image_emb[im] @ inp.text_emb[r.ref_id]) for r in rs]
-        r = rs[int(np.argmax(sims))]
-        c = cands[r.ref_id]
-        s = fused(c, bp)
-        j = select(s, c.boxes, bp.select)
-        if s[j] > bp.thr_k:
-            out.append((r.ref_id, j, float(s[j])))
+    for im, r in kam_queries(inp, refs, bp).items():
+        c = cands[r.ref_id] if r.image_id == im else com_candidates(inp.crops[im], inp.class_emb, inp.text_emb[r.ref_id])
+        sc = fused(c, bp)
+        j = select(sc, c.boxes, bp.select)
+        if sc[j] > bp.thr_k:
+            out.append(KamPair(im, r.ref_id, c, j, float(sc[j])))
     return out
 
 
@@ -341,10 +378,11 @@ def run_student_bicm(params: Params) -> Path:
 
     def build(tmp: Path) -> None:
         xs, ys = [], []
-        for k, j, _ in pseudo:
-            r, c = refs_by_id[k], cands[k]
-            xs.append(kam_features(inp.image_emb[r.image_id], inp.crops[r.image_id], inp.class_emb, inp.text_emb[k], c))
-            ys.append(box_iou(c.boxes, c.boxes[j][None])[:, 0] >= bp.kam_pos_iou)
+        for pr in pseudo:
+            c = pr.cand
+            xs.append(kam_features(inp.image_emb[pr.image_id], inp.crops[pr.image_id], inp.class_emb,
+                                   inp.text_emb[pr.ref_id], c))
+            ys.append(box_iou(c.boxes, c.boxes[pr.j][None])[:, 0] >= bp.kam_pos_iou)
         if not xs:
             raise ValueError(f"{STAGE}: no KAM pseudo label above thr_k={bp.thr_k}; lower students.bicm.thr_k")
         with torch_threads(bp.threads):
@@ -381,11 +419,13 @@ def run_student_bicm(params: Params) -> Path:
                            geometry=False)
     baselines = proposal_baselines(regions, refs, ds, params.seed,
                                    extra_candidates={k: inp.p_t[k] for k in inp.p_t})
-    precision = [float(box_iou(cands[k].boxes[j][None], np.array([refs_by_id[k].box], np.float32))[0, 0]) >= 0.5
-                 for k, j, _ in pseudo if refs_by_id[k].box is not None]
+    own = [pr for pr in pseudo if refs_by_id[pr.ref_id].image_id == pr.image_id]
+    precision = [float(box_iou(pr.cand.boxes[pr.j][None], np.array([refs_by_id[pr.ref_id].box], np.float32))[0, 0]) >= 0.5
+                 for pr in own if refs_by_id[pr.ref_id].box is not None]
     write_metrics(params, STAGE, acc, n, baselines, **rows,
                   kam={"pairs": len({r.image_id for r in refs if r.split == bp.kam_split}),
-                       "pseudo_labels": len(pseudo),
+                       "pseudo_labels": len(pseudo), "pairing": bp.kam_pairing,
+                       "own_query_pseudo_labels": len(own),  # precision is defined on these only (GT of the query)
                        "pseudo_label_precision": round(float(np.mean(precision)), 4) if precision else None},
                   select=bp.select, **read_timing(mpath), throughput_unit="KAM training candidate rows per second")
     # logged, not stored: a cached rerun must leave the metrics file byte-identical
@@ -395,5 +435,5 @@ def run_student_bicm(params: Params) -> Path:
                              bp.model_dump(mode="json") | {"seed": params.seed}, file_sha256(mpath))
 
 
-__all__ = ["Candidates", "ImageCrops", "KamMLP", "box_means", "candidates", "fused", "kam_features", "load_inputs",
+__all__ = ["Candidates", "ImageCrops", "KamMLP", "KamPair", "com_candidates", "kam_queries", "box_means", "candidates", "fused", "kam_features", "load_inputs",
            "predict", "pseudo_labels", "run_student_bicm", "select", "train_kam", "upsample_map"]

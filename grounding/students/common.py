@@ -19,9 +19,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from grounding import imaging
 from grounding.boxes import Letterbox
+from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.evaluate import accuracy
 from grounding.progress import progress_bar
@@ -30,8 +31,7 @@ from grounding.shards import FieldSpec, ShardSet
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = imaging.IMAGENET_MEAN, imaging.IMAGENET_STD  # grounding.imaging's (shared)
 
 
 class StudentInputError(ValueError):
@@ -74,20 +74,10 @@ def split_refs(ds: CanonicalDataset, split: str | None = None) -> list[RefRecord
 
 
 # ---- images ----------------------------------------------------------------------------------------------
-def letterbox_image(path: str | os.PathLike[str], size: int) -> tuple[torch.Tensor, Letterbox]:
-    """Decode an RGB image and letterbox it into a ``size`` square with ImageNet-mean padding; returns a
-    ``(3, size, size)`` uint8 tensor and its :class:`Letterbox`."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        lb = Letterbox.fit(im.width, im.height, size)
-        im = im.resize((lb.new_w, lb.new_h), Image.BILINEAR)
-        canvas = Image.new("RGB", (size, size), tuple(round(m * 255) for m in IMAGENET_MEAN))
-        canvas.paste(im, (lb.dx, lb.dy))
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous(), lb
-
-
 class Canvases:
-    """Letterboxed images of a dataset at one canvas size, decoded on first use and kept (uint8)."""
+    """Letterboxed images of a dataset at one canvas size, decoded on first use and kept (uint8, the
+    resized image only). :meth:`canvas` is the detector teachers' canvas pixel for pixel
+    (:func:`grounding.imaging.letterbox_image` with ImageNet-mean padding)."""
 
     def __init__(self, ds: CanonicalDataset, size: int, cache: bool = True) -> None:
         self.ds, self.size, self.cache = ds, size, cache
@@ -95,12 +85,18 @@ class Canvases:
         self._store: dict[str, tuple[torch.Tensor, Letterbox]] = {}
 
     def get(self, image_id: str) -> tuple[torch.Tensor, Letterbox]:
+        """The resized uint8 pixels ``(3, new_h, new_w)`` of an image and its letterbox."""
         if image_id in self._store:
             return self._store[image_id]
-        out = letterbox_image(self.ds.image_path(self._images[image_id]), self.size)
+        out = imaging.letterbox_pixels(load_rgb(self.ds.image_root, self._images[image_id]), self.size)
         if self.cache:
             self._store[image_id] = out
         return out
+
+    def canvas(self, image_id: str) -> torch.Tensor:
+        """``(3, S, S)`` float32 in [0, 1], padded with the ImageNet mean (as the frcnn/fcos teachers)."""
+        pixels, lb = self.get(image_id)
+        return imaging.paste_canvas(pixels, lb, imaging.IMAGENET_MEAN)
 
     def letterbox(self, image_id: str) -> Letterbox:
         """Letterbox parameters of an image (no decoding: from its recorded size)."""
@@ -108,11 +104,8 @@ class Canvases:
         return Letterbox.fit(im.width, im.height, self.size)
 
     def batch(self, image_ids: Sequence[str]) -> torch.Tensor:
-        """``(B, 3, S, S)`` float32, ImageNet-normalised."""
-        x = torch.stack([self.get(i)[0] for i in image_ids]).float().div_(255)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        """``(B, 3, S, S)`` float32, ImageNet-normalised (padding is exactly 0)."""
+        return imaging.normalise(torch.stack([self.canvas(i) for i in image_ids]))
 
 
 def resize_canvas(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -162,17 +155,33 @@ def ema_model(model: torch.nn.Module, decay: float, warmup: bool = True) -> torc
     return torch.optim.swa_utils.AveragedModel(model, avg_fn=avg_fn, use_buffers=True)
 
 
-def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: parameters under a ``backbone`` module at ``lr_backbone``, the rest at ``lr``."""
-    def is_bb(name: str) -> bool:
-        return name.startswith("backbone.") or ".backbone." in name
+def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float,
+                 lr_bert: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: parameters under a ``backbone`` module at ``lr_backbone``, under a ``bert`` module (the
+    pre-trained language model) at ``lr_bert`` (``lr`` when None), the rest at ``lr``; empty groups left out."""
+    def group(name: str) -> str:
+        if name.startswith("backbone.") or ".backbone." in name:
+            return "backbone"
+        if name.startswith("bert.") or ".bert." in name:
+            return "bert"
+        return "rest"
 
-    bb = [p for n, p in model.named_parameters() if is_bb(n) and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if not is_bb(n) and p.requires_grad]
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-    if bb:
-        groups.append({"params": bb, "lr": lr_backbone, "weight_decay": weight_decay})
-    return groups
+    rates = {"rest": lr, "backbone": lr_backbone, "bert": lr if lr_bert is None else lr_bert}
+    by: dict[str, list[torch.nn.Parameter]] = {"rest": [], "backbone": [], "bert": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            by[group(n)].append(p)
+    return [{"params": ps, "lr": rates[g], "weight_decay": weight_decay, "name": g}
+            for g, ps in by.items() if ps or g == "rest"]
+
+
+def scheduler(opt: torch.optim.Optimizer, tp: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: ``step`` (MultiStepLR at ``tp.lr_drop``, ``tp.lr_gamma``) or ``cosine``
+    (CosineAnnealingLR to 0 over ``tp.epochs``)."""
+    kind = getattr(tp, "lr_schedule", "step")
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tp.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(tp.lr_drop), gamma=tp.lr_gamma)
 
 
 LossFn = Callable[[torch.nn.Module, np.ndarray, int], tuple[torch.Tensor, dict[str, float]]]
@@ -183,10 +192,10 @@ def fit(model: torch.nn.Module, batches_fn: Callable[[torch.Generator], list[np.
         progress: bool = False, desc: str = "student") -> list[dict[str, float]]:
     """The shared loop: per epoch, ``batches_fn(gen)`` gives sentence-index batches; per batch a canvas size
     (random-resize when ``tp.random_resize``) and ``loss_fn(model, batch, size) -> (loss, parts)``;
-    AdamW with two learning rates, step drops at ``tp.lr_drop`` epochs; EMA updated after each step.
+    AdamW with the :func:`param_groups` learning rates, :func:`scheduler` per epoch; EMA updated after each step.
     Returns the per-epoch curve ``[{"epoch", "loss", <parts>...}]``."""
-    opt = torch.optim.AdamW(param_groups(model, tp.lr, tp.lr_backbone, tp.weight_decay))
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(tp.lr_drop), gamma=tp.lr_gamma)
+    opt = torch.optim.AdamW(param_groups(model, tp.lr, tp.lr_backbone, tp.weight_decay, getattr(tp, "lr_bert", None)))
+    sched = scheduler(opt, tp)
     curve: list[dict[str, float]] = []
     epochs: Any = range(tp.epochs)
     bar = progress_bar(None, desc, unit="row", enabled=progress)  # sentences, rows/s, ETA (total: epoch 1's)

@@ -1,10 +1,13 @@
 """EpmVG (SEEDS 000): the REC trunk supervised with GT boxes plus distillation from CLIP, read from the
 **cached** ``clip-image`` / ``clip-text`` shard sets (no CLIP forward during training).
 
-The student's visual tokens (before fusion, mean over tokens) and text tokens (before fusion, mean over
-non-padding tokens) are pooled to the CLIP dim D with ``AdaptiveAvgPool1d`` and pulled to the teacher's
-embeddings by cosine losses:  L = SmoothL1 + λ·GIoU + α·(1 − cos_v) + β·(1 − cos_l), λ = 1, α = 1.5, β = 2.
-AdamW (wd 1e-4), lr 1e-5 backbone / 1e-4 rest, step drop. ``distill: false`` is the plain student.
+As the paper (seed 000, eqs. 5-7): the distillation targets the fusion transformer's output at the beginning
+positions of the visual and the linguistic tokens (p'_v^1, the [VLS] place, and p'_l^1, the [CLS] / start
+token), so the fusion transformer itself gets the signal; the CLIP image / text embeddings (dim D_clip) are
+average-pooled (``AdaptiveAvgPool1d``) to the student's width d and pulled to by cosine losses:
+L = SmoothL1 (on the normalised cx, cy, w, h, summed) + λ·GIoU + α·(1 − cos_v) + β·(1 − cos_l), λ = 1,
+α = 1.5, β = 2. AdamW (wd 1e-4), lr 1e-5 backbone / 1e-4 rest (BERT 1e-5), step drop. ``distill: false``
+is the plain student.
 """
 
 from __future__ import annotations
@@ -25,21 +28,21 @@ MODULES = ("grounding.students.epmvg", *R.MODULES)
 TeacherFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
-def pooled(visual: torch.Tensor, image_index: torch.Tensor, text: torch.Tensor, pad: torch.Tensor,
-           dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student features pooled to the CLIP dim: visual tokens ``(B_img, N, d)`` (mean over tokens, picked per
-    sentence by ``image_index``) and text tokens ``(B, L, d)`` (mean over non-padding) -> ``(B, dim)`` each,
-    by ``AdaptiveAvgPool1d(dim)`` over the feature axis."""
-    v = visual.mean(dim=1)[image_index]  # [B,d]
-    keep = (~pad).unsqueeze(-1).to(text)  # [B,L,1]
-    t = (text * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # [B,d]
-    pool = nn.AdaptiveAvgPool1d(dim)
-    return pool(v.unsqueeze(1)).squeeze(1), pool(t.unsqueeze(1)).squeeze(1)
+def clip_to_width(clip: torch.Tensor, width: int) -> torch.Tensor:
+    """CLIP embeddings ``(B, D_clip)`` average-pooled over the feature axis to ``(B, width)`` (EpmVG eqs. 5-6:
+    ``AdaptiveAvgPool1d(width)``; D_clip = 4 and width 2 give the means of the halves)."""
+    return nn.functional.adaptive_avg_pool1d(clip.float().unsqueeze(1), width).squeeze(1)
+
+
+def beginning_tokens(out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused visual and linguistic features at their beginning positions, ``(B, d)`` each: position 0
+    of the fusion output's visual tokens (p'_v^1) and of its text tokens (p'_l^1, the start / [CLS] token)."""
+    return out["fused_visual"][:, 0], out["fused_text"][:, 0]
 
 
 def distill_loss(student_v: torch.Tensor, student_t: torch.Tensor, clip_v: torch.Tensor,
                  clip_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine distances ``1 - cos`` (mean over the batch) of pooled student vs CLIP image and text features."""
+    """Cosine distances ``1 - cos`` (mean over the batch) of student vs (pooled) CLIP image and text features."""
     cos_v = 1 - F.cosine_similarity(student_v, clip_v.to(student_v), dim=-1).mean()
     cos_l = 1 - F.cosine_similarity(student_t, clip_t.to(student_t), dim=-1).mean()
     return cos_v, cos_l
@@ -56,18 +59,20 @@ def cached_teacher(data: R.RecBatches) -> TeacherFn:
     return fn
 
 
-def epmvg_loss(data: R.RecBatches, ep: Any, teacher: TeacherFn | None, clip_dim: int) -> C.LossFn:
-    """The step loss of EpmVG (``teacher`` None: the plain SmoothL1 + GIoU student)."""
+def epmvg_loss(data: R.RecBatches, ep: Any, teacher: TeacherFn | None, clip_dim: int | None = None) -> C.LossFn:
+    """The step loss of EpmVG (``teacher`` None: the plain box-loss student). ``clip_dim`` is unused (the CLIP
+    features are pooled to the student's width); kept for callers."""
 
     def loss_fn(model: nn.Module, batch: np.ndarray, size: int) -> tuple[torch.Tensor, dict[str, float]]:
         x, index, _ = data.inputs(batch, size)
         b = torch.as_tensor(batch)
         out = model(x, index, data.ids[b], data.pad[b])
-        loss, parts = R.box_loss(out["box"], data.targets[b], ep.giou_weight)
+        loss, parts = R.box_loss(out["box"], data.targets[b], ep.giou_weight, ep.box_l1)
         if teacher is not None:
             clip_v, clip_t = teacher(batch)
-            sv, st = pooled(out["visual"], index, out["text"], out["pad"], clip_dim)
-            cos_v, cos_l = distill_loss(sv, st, clip_v, clip_t)
+            sv, st = beginning_tokens(out)
+            d = sv.shape[-1]
+            cos_v, cos_l = distill_loss(sv, st, clip_to_width(clip_v, d), clip_to_width(clip_t, d))
             loss = loss + ep.alpha * cos_v + ep.beta * cos_l
             parts |= {"cos_v": float(cos_v.detach()), "cos_l": float(cos_l.detach())}
         return loss, parts
@@ -90,7 +95,7 @@ def epmvg_data(params: Any, ds: Any, stage: str = "student-epmvg") -> tuple[R.Re
     shards = ShardDataset({"text": texts, "image": images}, keys=keys,
                           key_maps={"image": {r.ref_id: r.image_id for r in train}},
                           fields={"text": ["embedding"], "image": ["embedding"]})
-    cfg = R.RecConfig.from_params(ep)
+    cfg = R.RecConfig.from_params(ep, ds)
     tok = R.Tokenizer(cfg)
     data = R.RecBatches(ds, train, C.Canvases(ds, ep.input_size), tok,
                         targets=np.array([r.box for r in train], np.float32), shards=shards)
@@ -103,7 +108,7 @@ def train_epmvg(data: R.RecBatches, ep: Any, seed: int, distill: bool, clip_dim:
     from grounding.runtime import seed_everything
 
     gen = seed_everything(seed)
-    model = R.RecStudent(R.RecConfig.from_params(ep))
+    model = R.RecStudent(data.tokenizer.cfg)
     t = (teacher or cached_teacher(data)) if distill else None
     curve = C.fit(model, lambda g: C.image_batches(data.image_of, ep.batch_images, g),
                   epmvg_loss(data, ep, t, clip_dim), ep, generator=gen, progress=progress,
@@ -141,7 +146,7 @@ def run_student_epmvg(params: Any) -> Path:
                     first = (model, pred)
     model, pred = first
     mpath = C.model_path(params, stage)
-    R.save_checkpoint(mpath, {"state_dict": model}, R.RecConfig.from_params(ep),
+    R.save_checkpoint(mpath, {"state_dict": model}, R.RecConfig.from_params(ep, ds),
                       {"seed": ep.seeds[0], "distill": ep.distill})
     name = lambda d: "distill" if d else "no distill"  # noqa: E731
     baselines = {"centred box": C.centred_box_baseline(ds)}

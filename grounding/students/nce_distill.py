@@ -1,16 +1,19 @@
 """NCE+Distill (SEEDS 002): weakly supervised phrase grounding trained on cached detector regions with a
 contrastive image-caption loss and the WordNet/detector teacher target, from shard sets only.
 
-* Region-phrase score ``s(x, y) = f(x)ᵀ g(y)``: ``f`` an FC branch over the cached RoI feature of a
-  ``proposals_from`` region (plus, with ``geometry``, its relative box and area), ``g`` an FC branch over an
-  LSTM of the phrase's word embeddings; both L2-normalised, ``embed_dim`` = 512.
+* Region-phrase score ``s(x, y) = f(x)ᵀ g(y)`` (seed 002 §4.1): ``f`` two FC layers (ReLU between) over the
+  cached RoI feature of a ``proposals_from`` region (plus, with ``geometry``, its relative box and area),
+  standardised to zero mean / unit variance with the training images' statistics; ``g`` two FC layers over
+  the max-pool of a 2-layer LSTM's hidden states (300-d words and hidden; GloVe vectors from a local
+  ``glove_path``, frozen, when given, else trained from random); both L2-normalised, ``embed_dim`` = 512.
 * A caption is the training phrases of one image; ``S(X, Y) = Σ_k max_l s(x_l, y_k)``.
 * ``L_IS``: NCE over the images of the batch (``batch_size - 1`` negatives), ``softmax(S / τ)``.
 * ``L_RP``: soft cross-entropy between ``softmax_l(s(x_l, y) / τ)`` over the image's regions and the teacher
   target ``p̂(x, y) ∝ Σ_z p(y, z) p(z | x)`` (:func:`grounding.soft_targets.region_targets`; ``p(y, z)``
-  the ``labels_from`` soft label, ``p(z | x)`` the detector's non-background class posterior). Phrases
-  without a target (no WordNet match) are left out of ``L_RP``.
-* ``L = L_IS + λ L_RP`` with the staircase ``λ = min(floor(step / a), b)``.
+  the ``labels_from`` soft label, ``p(z | x)`` the detector's non-background class posterior), summed over
+  the caption's phrases as eq. 4 (then the mean over the batch's captions). Phrases without a target (no
+  WordNet match) add nothing.
+* ``L = L_IS + λ L_RP`` with the staircase ``λ = min(floor(step / a), b)``; Adam, lr 1e-4 (the paper).
 * Inference needs no detector score: the proposal with the highest ``s(x, y)`` is the phrase's box.
 
 GT boxes are never read in training (only to evaluate). No teacher model is run: everything comes from
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from grounding import class_probs as cprobs
 from grounding.artefacts import build_once
@@ -79,6 +82,42 @@ class Regions:
     @property
     def row(self) -> dict[str, int]:
         return {k: i for i, k in enumerate(self.image_ids)}
+
+
+def standardise(regions: Regions, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise ``regions.features`` in place to zero mean and unit variance per feature column, with the
+    statistics of the real (unpadded) regions of ``rows`` (the training images, seed 002 §4.1); padding
+    stays 0. Returns ``(mean, std)`` ``(F,)`` float32 (std floored at 1e-6)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    m = torch.from_numpy(regions.mask[rows])
+    x = regions.features[torch.from_numpy(rows)][m].double()  # [n,F]
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False).clamp_min(1e-6)
+    all_mask = torch.from_numpy(regions.mask).unsqueeze(-1)
+    z = ((regions.features.double() - mean) / std).float()
+    regions.features = torch.where(all_mask, z, torch.zeros_like(z))
+    return mean.float().numpy(), std.float().numpy()
+
+
+def load_glove(path: str | Path, vocab: Sequence[str], dim: int) -> tuple[torch.Tensor, int]:
+    """``(len(vocab), dim)`` float32 rows of a local GloVe text file (``word v1 ... v_dim`` per line) for the
+    words of ``vocab``; words it lacks (and ``<pad>``) get zeros. Returns the matrix and how many words
+    were found; ``ValueError`` naming the file when a vector has another width."""
+    index = {w: i for i, w in enumerate(vocab)}
+    out = torch.zeros(len(vocab), dim)
+    found = 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            word, _, rest = line.rstrip("\n").partition(" ")
+            if word not in index:
+                continue
+            vec = rest.split()
+            if len(vec) != dim:
+                raise ValueError(f"{path}:{n}: GloVe vector of {word!r} has {len(vec)} values, expected "
+                                 f"students.nce_distill.word_dim={dim}")
+            out[index[word]] = torch.tensor([float(v) for v in vec])
+            found += 1
+    return out, found
 
 
 def box_geometry(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -146,40 +185,52 @@ def soft_labels(labels_set: ShardSet, ref_ids: Sequence[str], classes: Sequence[
 # ---- model -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NceDistillConfig:
-    """Sizes of :class:`NceDistill`; ``feature_dim`` is the region input width."""
+    """Sizes of :class:`NceDistill`; ``feature_dim`` is the region input width. Paper: 512-d embeddings,
+    300-d words, a 2-layer 300-d LSTM."""
 
     vocab_size: int
     feature_dim: int
     embed_dim: int = 512
-    word_dim: int = 128
-    hidden: int = 256
+    word_dim: int = 300
+    hidden: int = 300
     max_len: int = 20
+    lstm_layers: int = 2
+
+
+def _two_fc(d_in: int, e: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, e), nn.ReLU(), nn.Linear(e, e))
 
 
 class NceDistill(nn.Module):
-    """Two FC branches into an L2-normalised ``embed_dim`` space (one linear layer each: the region input is
-    already the detector's box-head output); the phrase branch reads an LSTM over word embeddings."""
+    """Two branches into an L2-normalised ``embed_dim`` space, each two FC layers with a ReLU between
+    (seed 002 §4.1): ``region`` over the (standardised) region feature, ``phrase`` over the max-pool of the
+    LSTM's hidden states of the phrase's tokens."""
 
-    def __init__(self, cfg: NceDistillConfig) -> None:
+    def __init__(self, cfg: NceDistillConfig, word_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         e = cfg.embed_dim
-        self.region = nn.Linear(cfg.feature_dim, e)
+        self.region = _two_fc(cfg.feature_dim, e)
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
-        self.lstm = nn.LSTM(cfg.word_dim, cfg.hidden, batch_first=True)
-        self.phrase = nn.Linear(cfg.hidden, e)
+        if word_vectors is not None:  # GloVe: fixed during training, as the paper
+            self.embedding.weight.data.copy_(word_vectors)
+            self.embedding.weight.requires_grad_(False)
+        self.lstm = nn.LSTM(cfg.word_dim, cfg.hidden, num_layers=cfg.lstm_layers, batch_first=True)
+        self.phrase = _two_fc(cfg.hidden, e)
 
     def embed_regions(self, feats: torch.Tensor) -> torch.Tensor:
         """``(..., F)`` region features → ``(..., E)`` unit vectors f(x)."""
         return F.normalize(self.region(feats), dim=-1)
 
     def embed_phrases(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` token ids (0-padded, at least one token) → ``(B, E)`` unit vectors g(y): the LSTM's
-        last hidden state at the phrase's last token."""
+        """``(B, L)`` token ids (0-padded, at least one token) → ``(B, E)`` unit vectors g(y): max-pool of the
+        LSTM's top-layer hidden states over the phrase's tokens (padding left out), then two FC layers."""
         lengths = (ids != 0).sum(dim=1).clamp(min=1)
         packed = pack_padded_sequence(self.embedding(ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.lstm(packed)
-        return F.normalize(self.phrase(h[-1]), dim=-1)
+        hs, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=ids.shape[1])  # [B,L,H]
+        keep = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        pooled = hs.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1)
+        return F.normalize(self.phrase(pooled), dim=-1)
 
 
 def staircase(step: int, a: int, b: float) -> float:
@@ -249,7 +300,7 @@ def losses(model: NceDistill, caps: Captions, regions: Regions, batch: np.ndarra
     target, valid = batch_targets(caps, regions, batch)
     per = -(target * logq).sum(dim=-1)  # [B,P]
     n_valid = int(valid.sum())
-    l_rp = per[valid].sum() / max(n_valid, 1)
+    l_rp = (per * valid).sum() / b  # eq. 4: summed over the caption's phrases; mean over the batch's captions
     return l_is, l_rp, n_valid
 
 
@@ -297,19 +348,20 @@ def _curve(records: list[tuple[int, int, float, int, float, float, float]]) -> l
 
 
 def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, seed: int,
-          variants: Sequence[str] = ("distill",), progress: bool = False
+          variants: Sequence[str] = ("distill",), progress: bool = False, word_vectors: torch.Tensor | None = None,
           ) -> dict[str, tuple[NceDistill, list[dict[str, float]], float]]:
     """Adam for ``np_.steps`` steps over seeded batches of ``np_.batch_size`` captions, for each variant:
     ``distill`` (λ by the staircase) and/or ``no_distill`` (λ = 0). Both variants are the same run while the
     staircase is 0 (the first ``lambda_step`` steps), so that prefix is trained once and forked (model and
     optimizer state): the result equals two separate runs. Returns per variant the model (eval mode), the
-    curve (one point per epoch) and the throughput in captions/s (the shared prefix counted in full)."""
+    curve (one point per epoch) and the throughput in captions/s (the shared prefix counted in full).
+    ``word_vectors``: fixed GloVe rows of the vocabulary (see :func:`load_glove`)."""
     unknown = set(variants) - {"distill", "no_distill"}
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}")
     gen = seed_everything(seed)
-    model = NceDistill(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=np_.lr)
+    model = NceDistill(cfg, word_vectors)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=np_.lr)
     schedule = batch_schedule(len(caps.rows), np_.batch_size, np_.steps, gen)
     shared = min(np_.lambda_step, len(schedule))
     bar = None
@@ -323,9 +375,9 @@ def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, 
     t_shared = time.perf_counter() - t0
     out = {}
     for name in variants:
-        m = NceDistill(cfg)
+        m = NceDistill(cfg, word_vectors)
         m.load_state_dict(model.state_dict())
-        o = torch.optim.Adam(m.parameters(), lr=np_.lr)
+        o = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=np_.lr)
         o.load_state_dict(copy.deepcopy(opt.state_dict()))  # Adam's moments are updated in place
         records = list(prefix)
         t1 = time.perf_counter()
@@ -391,9 +443,10 @@ def eval_refs(ds: CanonicalDataset, proposals: ShardSet) -> list[RefRecord]:
 
 def checkpoint_key(params: Params, ds: CanonicalDataset, proposals: ShardSet, labels: ShardSet) -> str:
     np_ = params.students.nce_distill
-    return stage_key(STAGE, code_version(MODULES), {}, np_.model_dump(mode="json") | {"seed": params.seed},
-                     {"dataset": ds.fingerprint(), "proposals": proposals.manifest.stage_key,
-                      "labels": labels.manifest.stage_key})
+    inputs = {"dataset": ds.fingerprint(), "proposals": proposals.manifest.stage_key, "labels": labels.manifest.stage_key}
+    if np_.glove_path:
+        inputs["glove"] = file_sha256(np_.glove_path)  # the vectors' content, never the path
+    return stage_key(STAGE, code_version(MODULES), {}, np_.model_dump(mode="json") | {"seed": params.seed}, inputs)
 
 
 def run_student_nce_distill(params: Params) -> Path:
@@ -409,18 +462,25 @@ def run_student_nce_distill(params: Params) -> Path:
         raise ValueError(f"{STAGE}: dataset {ds.name} has no {np_.train_split!r} phrases to train on")
     labels_set = teacher_set(params, np_.labels_from, [r.ref_id for r in train_refs], ds, STAGE)
     regions = load_regions(proposals, ds, image_ids, np_.geometry)
+    if np_.standardise:
+        standardise(regions, sorted({regions.row[r.image_id] for r in train_refs}))
     key = checkpoint_key(params, ds, proposals, labels_set)
     mpath = model_path(params, STAGE)
     vocab = build_vocab([r.text for r in train_refs])
     cfg = NceDistillConfig(vocab_size=len(vocab), feature_dim=regions.features.shape[-1], embed_dim=np_.embed_dim,
-                           word_dim=np_.word_dim, hidden=np_.hidden, max_len=np_.max_len)
+                           word_dim=np_.word_dim, hidden=np_.hidden, max_len=np_.max_len, lstm_layers=np_.lstm_layers)
+    glove: torch.Tensor | None = None
+    if np_.glove_path:
+        glove, found = load_glove(np_.glove_path, vocab, np_.word_dim)
+        log.info("%s: %d of %d vocabulary words in %s", STAGE, found, len(vocab), np_.glove_path)
 
     def build(tmp: Path) -> None:
         caps = build_captions(train_refs, regions, soft_labels(labels_set, [r.ref_id for r in train_refs],
                                                                regions.classes), vocab, np_.max_len)
         variants = ("distill", "no_distill") if np_.no_distill else ("distill",)
         with torch_threads(np_.threads):
-            trained = train(caps, regions, cfg, np_, seed=params.seed, variants=variants, progress=params.progress)
+            trained = train(caps, regions, cfg, np_, seed=params.seed, variants=variants, progress=params.progress,
+                            word_vectors=glove)
         states = {k: v[0].state_dict() for k, v in trained.items()}
         curves = {k: v[1] for k, v in trained.items()}
         speed = {k: v[2] for k, v in trained.items()}
@@ -498,5 +558,5 @@ def merge_curves(curves: Mapping[str, list[dict[str, float]]]) -> list[dict[str,
 
 
 __all__ = ["NceDistill", "NceDistillConfig", "Regions", "batch_targets", "box_geometry", "build_captions",
-           "load_regions", "losses", "proposal_baselines", "region_scores", "run_student_nce_distill",
+           "load_glove", "load_regions", "standardise", "losses", "proposal_baselines", "region_scores", "run_student_nce_distill",
            "soft_labels", "staircase", "train"]

@@ -8,13 +8,17 @@ point spacing in original pixels):
 * mass-ness: for points within ``2g`` of the mask centroid, the fraction of the ``g x g`` cell around the
   point covered by the mask (pycocotools RLE); 0 elsewhere.
 
-The head (an MLP on the trunk's fused visual tokens, two logits per grid cell) is sampled bilinearly at the
-points' canvas locations; BCE against both soft targets. Inference: the ``top_k`` points by score, then
-IoU voting: the cached FCOS box with the largest sum of IoU with the other top-k boxes.
+The head (an MLP on the trunk's fused visual tokens, two logits per token) is read at the P5 points one to
+one (seed 004): the student's token grid is the P5 grid (``input_size / visual_stride`` = the FCOS canvas
+/ 32), token k scores point k, and the tokens' sine positions sit at the points' own coordinates
+(torchvision's FCOS anchor points are the cell corners ``i * stride``, not the centres), so nothing is
+interpolated. BCE against both soft targets. Inference: the ``top_k`` points by score, then IoU voting:
+the cached FCOS box with the largest sum of IoU with the other top-k boxes.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -94,25 +98,47 @@ def iou_vote(boxes: torch.Tensor, scores: torch.Tensor, top_k: int = 12) -> int:
 
 
 # ---- model -------------------------------------------------------------------------------------------------
+def p5_token_index(points: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Token index ``(P,)`` int64 of each of ``(P, 2)`` points given as canvas fractions on a ``grid = (h, w)``
+    token grid whose token ``(i, j)`` sits at ``(j / w, i / h)`` (torchvision's FCOS anchor points): row-major
+    ``round(y h) w + round(x w)``. Raises ``ValueError`` unless the points are that grid one to one (each
+    token once, every point within a tenth of a cell of its token)."""
+    pts = torch.as_tensor(points, dtype=torch.float64)
+    h, w = grid
+    gx, gy = pts[:, 0] * w, pts[:, 1] * h
+    ix, iy = gx.round(), gy.round()
+    off = torch.maximum((gx - ix).abs(), (gy - iy).abs())
+    idx = (iy * w + ix).long()
+    if (len(pts) != h * w or bool((off > 0.1).any()) or bool((ix < 0).any() | (ix >= w).any() | (iy < 0).any()
+                                                              | (iy >= h).any()) or len(torch.unique(idx)) != len(idx)):
+        raise ValueError(f"the {len(pts)} FCOS P5 points are not the student's {h}x{w} token grid one to one "
+                         f"(worst offset {float(off.max()):.2f} cells): set students.pbrec.input_size / visual_stride "
+                         f"to the P5 grid (teachers.fcos.input_size / 32 tokens a side) and no random_resize")
+    return idx
+
+
 class PointStudent(nn.Module):
     """The REC trunk plus PBREC's point head: ``forward`` returns the trunk's outputs and ``point_logits``
-    ``(B, P, 2)`` (center-ness, mass-ness) at ``points`` ``(B, P, 2)`` given as canvas fractions."""
+    ``(B, P, 2)`` (center-ness, mass-ness), token ``token_index[b, k]`` for point k (one to one, no
+    interpolation). The trunk's sine positions are at the cell corners (``token_origin`` 0), the FCOS points'
+    own coordinates."""
 
     def __init__(self, cfg: R.RecConfig) -> None:
         super().__init__()
-        self.trunk = R.RecStudent(cfg)
+        self.trunk = R.RecStudent(replace(cfg, token_origin=0.0))
         d = cfg.d_model
         self.point_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 2))
 
     def forward(self, images: torch.Tensor, image_index: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor,
-                points: torch.Tensor) -> dict[str, Any]:
+                token_index: torch.Tensor) -> dict[str, Any]:
         out = self.trunk(images, image_index, ids, pad)
-        h, w = out["grid"]
+        n = out["fused_visual"].shape[1]
+        if token_index.shape[1] != n:
+            h, w = out["grid"]
+            raise ValueError(f"{token_index.shape[1]} FCOS P5 points but a {h}x{w} student token grid: set "
+                             f"students.pbrec.input_size / visual_stride so the grid is the P5 grid, no random_resize")
         logits = self.point_head(out["fused_visual"])  # [B,N,2]
-        maps = logits.transpose(1, 2).reshape(-1, 2, h, w)
-        grid = (points * 2 - 1).unsqueeze(2)  # [B,P,1,2]
-        out["point_logits"] = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border",
-                                            align_corners=False).squeeze(-1).transpose(1, 2)  # [B,P,2]
+        out["point_logits"] = torch.gather(logits, 1, token_index.unsqueeze(-1).expand(-1, -1, 2))  # [B,P,2]
         return out
 
 
@@ -124,10 +150,11 @@ def point_scores(logits: torch.Tensor, how: str) -> torch.Tensor:
 
 # ---- data -------------------------------------------------------------------------------------------------------
 class PointData:
-    """Per sentence: the FCOS P5 points of its image (canvas fractions), their cached boxes and inside flags
-    (read through a :class:`ShardDataset` joined by ref -> image), and (training) the soft targets."""
+    """Per sentence: the FCOS P5 points of its image (canvas fractions), the student token of each (one to
+    one on the ``grid``, :func:`p5_token_index`), their cached boxes and inside flags (read through a
+    :class:`ShardDataset` joined by ref -> image), and (training) the soft targets."""
 
-    def __init__(self, rec: R.RecBatches, fcos: Any, with_targets: bool) -> None:
+    def __init__(self, rec: R.RecBatches, fcos: Any, with_targets: bool, grid: tuple[int, int]) -> None:
         from grounding.shards.torch import ShardDataset
 
         self.rec = rec
@@ -140,6 +167,7 @@ class PointData:
             if r.image_id not in per_image:
                 per_image[r.image_id] = {k: v.numpy() for k, v in sd[i]["fcos"].items()}
         self.points = torch.stack([self._canvas(per_image[r.image_id]["points"], lb) for r, lb in zip(refs, rec.lbs)])
+        self.token_index = torch.stack([p5_token_index(p, grid) for p in self.points]) if len(refs) else None
         self.boxes = torch.stack([torch.from_numpy(per_image[r.image_id]["boxes"].astype(np.float32)) for r in refs])
         self.inside = torch.stack([torch.from_numpy(per_image[r.image_id]["inside"] > 0) for r in refs])
         self.targets = None
@@ -162,7 +190,7 @@ class PointData:
     def forward(self, model: PointStudent, batch: np.ndarray, size: int | None = None) -> dict[str, Any]:
         x, index, _ = self.rec.inputs(batch, size)
         b = torch.as_tensor(batch)
-        return model(x, index, self.rec.ids[b], self.rec.pad[b], self.points[b])
+        return model(x, index, self.rec.ids[b], self.rec.pad[b], self.token_index[b])
 
 
 def pbrec_loss(data: PointData, pp: Any) -> C.LossFn:
@@ -199,7 +227,7 @@ def train_pbrec(data: PointData, pp: Any, seed: int, *, progress: bool = False) 
     from grounding.runtime import seed_everything
 
     gen = seed_everything(seed)
-    model = PointStudent(R.RecConfig.from_params(pp))
+    model = PointStudent(data.rec.tokenizer.cfg)
     curve = C.fit(model, lambda g: C.image_batches(data.rec.image_of, pp.batch_images, g), pbrec_loss(data, pp), pp,
                   generator=gen, progress=progress, desc="student-pbrec")
     return model, curve
@@ -236,11 +264,12 @@ def run_student_pbrec(params: Any) -> Path:
     sp = pp.model_dump(mode="json") | {"seed": params.seed}
     if C.outputs_current(params, stage, MODULES, ds, inputs, sp):
         return params.student_dir(stage)
-    cfg = R.RecConfig.from_params(pp)
+    cfg = R.RecConfig.from_params(pp, ds)
     tok = R.Tokenizer(cfg)
     canvases = C.Canvases(ds, pp.input_size)
-    data = PointData(R.RecBatches(ds, train, canvases, tok), fcos, with_targets=True)
-    every = PointData(R.RecBatches(ds, ds.refs, canvases, tok), fcos, with_targets=False)
+    grid = (pp.input_size // pp.visual_stride,) * 2
+    data = PointData(R.RecBatches(ds, train, canvases, tok), fcos, with_targets=True, grid=grid)
+    every = PointData(R.RecBatches(ds, ds.refs, canvases, tok), fcos, with_targets=False, grid=grid)
     runs, curves, first = [], [], None
     with C.torch_threads(pp.threads):
         for seed in pp.seeds:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from grounding.students import common as C
 from grounding.weights import WeightsError, load_state_dict_file
 
 log = logging.getLogger(__name__)
 CLIP_BPE_VOCAB = 49408  # open_clip SimpleTokenizer vocabulary (BPE merges shipped with open_clip)
-MODULES = ("grounding.students.rec", "grounding.students.common")
+MODULES = ("grounding.students.rec", "grounding.students.common", "grounding.imaging", "grounding.data.images")
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,35 @@ class RecConfig:
     bert_path: str | None = None
     max_len: int = 20
     text_layers: int = 2
+    visual_layers: int = 6
     fusion_layers: int = 6
     heads: int = 8
     dropout: float = 0.1
     backbone_weights: str | None = None
     visual_stride: int = 32
+    token_origin: float = 0.5  # token i's coordinate in its cell for the sine positions (0: the cell corner)
 
     @classmethod
-    def from_params(cls, tp: Any) -> "RecConfig":
-        return cls(**{k: getattr(tp, k) for k in cls.__dataclass_fields__})
+    def from_params(cls, tp: Any, ds: Any = None) -> "RecConfig":
+        """From a trunk params section; ``max_len`` by :func:`query_length` (``ds``: the canonical dataset)."""
+        vals = {k: getattr(tp, k) for k in cls.__dataclass_fields__ if hasattr(tp, k)}
+        return cls(**{**vals, "max_len": query_length(tp, ds)})
+
+
+#: dataset names (``CanonicalDataset.source["dataset"]`` or the dataset name) that are RefCOCOg
+REFCOCOG_NAMES = ("refcocog", "gref", "gref_umd", "refcocog_umd", "refcocog_google")
+
+
+def query_length(tp: Any, ds: Any = None) -> int:
+    """Token budget of a query: ``tp.max_len`` when set, else the papers' rule ``tp.max_len_refcocog`` (40,
+    TransVG / PBREC) on RefCOCOg and ``tp.max_len_default`` (TransVG 20, PBREC 30) elsewhere."""
+    if getattr(tp, "max_len", None):
+        return int(tp.max_len)
+    names = set()
+    if ds is not None:
+        names = {str(ds.name).lower(), str((ds.source or {}).get("dataset", "")).lower()}
+    long = any(n in REFCOCOG_NAMES for n in names)
+    return int(tp.max_len_refcocog if long else tp.max_len_default)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------------
@@ -142,16 +162,48 @@ def _out_channels(layer: nn.Module) -> int:
     return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
-def sine_positions(h: int, w: int, d: int) -> torch.Tensor:
-    """Fixed 2-D sine position embedding ``(h*w, d)`` (DETR style; any grid size, for random resize)."""
+def sine_positions(h: int, w: int, d: int, origin: float = 0.5) -> torch.Tensor:
+    """Fixed 2-D sine position embedding ``(h*w, d)`` (DETR style; any grid size, for random resize) of the
+    points ``(i + origin) / h`` (row-major): 0.5 the cell centres, 0 the corners (torchvision's FCOS points)."""
     if d % 4:
         raise ValueError(f"d_model must be a multiple of 4 for 2-D sine positions, got {d}")
     q = d // 4
     freq = 1.0 / (10000 ** (torch.arange(q, dtype=torch.float32) / q))
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + origin, torch.arange(w, dtype=torch.float32) + origin,
                             indexing="ij")
     ys, xs = ys.reshape(-1, 1) / h * 2 * math.pi, xs.reshape(-1, 1) / w * 2 * math.pi
     return torch.cat([torch.sin(xs * freq), torch.cos(xs * freq), torch.sin(ys * freq), torch.cos(ys * freq)], dim=1)
+
+
+class PosEncoderLayer(nn.Module):
+    """DETR's encoder layer (post-norm): the position embedding is added to the queries and keys of every
+    layer, not to the values; ``(B, N, d)`` in and out."""
+
+    def __init__(self, d: int, heads: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, d))
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q = x + pos
+        x = self.norm1(x + self.drop1(self.attn(q, q, x, need_weights=False)[0]))
+        return self.norm2(x + self.drop2(self.ff(x)))
+
+
+class VisualEncoder(nn.Module):
+    """TransVG's visual transformer (DETR's encoder, 6 layers in the paper) over the projected ResNet tokens
+    ``(B_img, N, d)`` with the 2-D sine positions ``(N, d)``; 0 layers: identity."""
+
+    def __init__(self, d: int, heads: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(PosEncoderLayer(d, heads, 4 * d, dropout) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
 
 
 class TextEncoder(nn.Module):
@@ -188,9 +240,10 @@ class RecStudent(nn.Module):
     """TransVG-style trunk. :meth:`forward` returns a dict:
 
     - ``box``: ``(B, 4)`` xyxy, fractions of the canvas (from the [REG] token; cxcywh sigmoid inside).
-    - ``visual``: ``(B_img, N, d)`` visual tokens before fusion; ``text``: ``(B, L, d)`` text tokens before
-      fusion; ``pad``: ``(B, L)`` bool; ``fused_visual``: ``(B, N, d)`` visual tokens after fusion;
-      ``grid``: ``(h, w)`` of the visual tokens.
+    - ``visual``: ``(B_img, N, d)`` visual tokens before fusion (after the visual encoder); ``text``:
+      ``(B, L, d)`` text tokens before fusion; ``pad``: ``(B, L)`` bool; ``fused_visual`` ``(B, N, d)`` and
+      ``fused_text`` ``(B, L, d)``: the fusion transformer's output at the visual / text positions (EpmVG's
+      p'_v, p'_l; position 0 of each is its beginning token); ``grid``: ``(h, w)`` of the visual tokens.
     """
 
     def __init__(self, cfg: RecConfig) -> None:
@@ -198,6 +251,7 @@ class RecStudent(nn.Module):
         self.cfg, d = cfg, cfg.d_model
         self.backbone, c = build_backbone(cfg.depth, cfg.backbone_weights, cfg.width, cfg.visual_stride)
         self.visual_proj = nn.Conv2d(c, d, 1)
+        self.visual_encoder = VisualEncoder(d, cfg.heads, cfg.visual_layers, cfg.dropout)
         self.text = TextEncoder(cfg)
         self.reg = nn.Parameter(torch.zeros(1, 1, d))
         self.modality = nn.Parameter(torch.zeros(3, d))  # reg, visual, text
@@ -208,16 +262,18 @@ class RecStudent(nn.Module):
         self.box_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
 
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """ResNet -> 1x1 projection -> visual transformer: ``(B_img, N, d)`` tokens and the grid ``(h, w)``."""
         f = self.visual_proj(self.backbone(images))  # [Bi,d,h,w]
         h, w = f.shape[-2:]
-        return f.flatten(2).transpose(1, 2), (h, w)  # [Bi,N,d]
+        pos = sine_positions(h, w, self.cfg.d_model, self.cfg.token_origin).to(f)
+        return self.visual_encoder(f.flatten(2).transpose(1, 2), pos), (h, w)  # [Bi,N,d]
 
     def forward(self, images: torch.Tensor, image_index: torch.Tensor, ids: torch.Tensor,
                 pad: torch.Tensor) -> dict[str, Any]:
         visual, (h, w) = self.encode_images(images)
         text = self.text(ids, pad)  # [B,L,d]
         b, n = ids.shape[0], visual.shape[1]
-        pos = sine_positions(h, w, self.cfg.d_model).to(visual)
+        pos = sine_positions(h, w, self.cfg.d_model, self.cfg.token_origin).to(visual)
         v = visual[image_index] + pos + self.modality[1]  # [B,N,d]
         t = text + self.modality[2]
         x = torch.cat([self.reg.expand(b, 1, -1) + self.modality[0], v, t], dim=1)
@@ -225,15 +281,30 @@ class RecStudent(nn.Module):
         y = self.fusion(x, src_key_padding_mask=mask)
         cxcywh = self.box_head(y[:, 0]).sigmoid()
         box = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], dim=1)
-        return {"box": box, "visual": visual, "text": text, "pad": pad, "fused_visual": y[:, 1:1 + n], "grid": (h, w)}
+        return {"box": box, "visual": visual, "text": text, "pad": pad, "fused_visual": y[:, 1:1 + n],
+                "fused_text": y[:, 1 + n:], "grid": (h, w)}
 
 
-def box_loss(pred: torch.Tensor, target: torch.Tensor, giou_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """SmoothL1 + ``giou_weight`` * GIoU loss of ``(B, 4)`` xyxy canvas-fraction boxes (torchvision.ops);
-    returns the loss and its parts."""
-    l1 = F.smooth_l1_loss(pred, target)
+BOX_L1 = ("l1", "smooth_l1", "smooth_l1_mean")
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, giou_weight: float = 1.0,
+             l1: str = "l1") -> tuple[torch.Tensor, dict[str, float]]:
+    """Box regression loss of ``(B, 4)`` xyxy canvas-fraction boxes: a coordinate term + ``giou_weight`` * GIoU
+    (torchvision.ops), each a mean over the batch. ``l1``: ``l1`` = TransVG (L1 on the normalised cx, cy, w, h,
+    summed over the four coordinates), ``smooth_l1`` = EpmVG's eq. 8 (SmoothL1, same sum), ``smooth_l1_mean``
+    = the first version here (SmoothL1 on xyxy averaged over coordinates: 4x smaller and nearly inert).
+    Returns the loss and its parts."""
+    if l1 not in BOX_L1:
+        raise ValueError(f"box loss l1 must be one of {BOX_L1}, got {l1!r}")
+    if l1 == "smooth_l1_mean":
+        coord = F.smooth_l1_loss(pred, target)
+    else:
+        p, t = box_convert(pred, "xyxy", "cxcywh"), box_convert(target, "xyxy", "cxcywh")
+        fn = F.l1_loss if l1 == "l1" else F.smooth_l1_loss
+        coord = fn(p, t, reduction="none").sum(dim=1).mean()
     giou = generalized_box_iou_loss(pred, target, reduction="mean")
-    return l1 + giou_weight * giou, {"smooth_l1": float(l1.detach()), "giou": float(giou.detach())}
+    return coord + giou_weight * giou, {l1: float(coord.detach()), "giou": float(giou.detach())}
 
 
 # ---- data of one training / prediction run ------------------------------------------------------------------
@@ -247,6 +318,7 @@ class RecBatches:
         self.refs = list(refs)
         self.canvases = canvases
         self.image_of = [r.image_id for r in self.refs]
+        self.tokenizer = tokenizer  # its ``cfg`` is the trunk's RecConfig (query length resolved)
         self.ids, self.pad = tokenizer([r.text for r in self.refs])
         self.lbs = [canvases.letterbox(i) for i in self.image_of]
         self.targets = C.to_canvas_fraction(targets, self.lbs) if targets is not None else None
@@ -316,7 +388,7 @@ def train_rec_pseudo(ds: Any, refs: Sequence[Any], pseudo: np.ndarray, rp: Any, 
     from grounding.runtime import seed_everything
 
     gen = seed_everything(seed)
-    cfg = RecConfig.from_params(rp)
+    cfg = RecConfig.from_params(rp, ds)
     model = RecStudent(cfg)
     ema = C.ema_model(model, rp.ema_decay, rp.ema_warmup)
     tok = Tokenizer(cfg)
@@ -324,7 +396,7 @@ def train_rec_pseudo(ds: Any, refs: Sequence[Any], pseudo: np.ndarray, rp: Any, 
 
     def loss_fn(m: nn.Module, batch: np.ndarray, size: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = data.forward(m, batch, size)
-        return box_loss(out["box"], data.targets[torch.as_tensor(batch)], rp.giou_weight)
+        return box_loss(out["box"], data.targets[torch.as_tensor(batch)], rp.giou_weight, rp.box_l1)
 
     curve = C.fit(model, lambda g: C.image_batches(data.image_of, rp.batch_images, g), loss_fn, rp,
                   generator=gen, ema=ema, progress=progress, desc="student-rec-pseudo")
@@ -361,7 +433,7 @@ def run_student_rec_pseudo(params: Any) -> Path:
             if best is None:
                 best = (model, ema, pred_ema)
     model, ema, pred = best
-    cfg = RecConfig.from_params(rp)
+    cfg = RecConfig.from_params(rp, ds)
     mpath = C.model_path(params, stage)
     save_checkpoint(mpath, {"state_dict": ema, "raw_state_dict": model}, cfg,
                     {"seed": rp.seeds[0], "pseudo_key": pseudo_set.manifest.stage_key})

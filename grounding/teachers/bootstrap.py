@@ -136,7 +136,8 @@ def bootstrap(params: Params, teacher: str) -> Path:
 def _train_torchvision(params: Params, ds: CanonicalDataset, out: Path, teacher: str) -> dict[str, Any]:
     """Train a torchvision Faster R-CNN or FCOS (AdamW, warm-up + cosine, horizontal flips) on letterboxed
     canvases of the train split; writes the weights file ``out``."""
-    from grounding.teachers.detectors import IMAGENET_MEAN, letterbox_image, save_checkpoint
+    from grounding.imaging import IMAGENET_MEAN, letterbox_image
+    from grounding.teachers.detectors import save_checkpoint
 
     cfg = getattr(params.teachers, teacher)
     boot = cfg.bootstrap

@@ -34,6 +34,7 @@ from grounding.boxes import Letterbox
 from grounding.config import Params
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, ImageRecord
+from grounding.imaging import IMAGENET_MEAN, IMAGENET_STD, letterbox_image  # noqa: F401 - re-exported
 from grounding.shards import FieldSpec, file_sha256
 from grounding.weights import as_state_dict, load_weights_file, read_sidecar, sidecar_meta
 
@@ -42,36 +43,14 @@ log = logging.getLogger(__name__)
 #: Teacher name -> stage that caches it.
 TEACHERS: dict[str, str] = {"frcnn": "frcnn-proposals", "fcos": "fcos-points", "yolo": "yolo-anchors"}
 CHECKPOINT_FORMAT = "grounding-detector-v1"
-#: torchvision's detection normalisation (ImageNet mean/std); also the canvas padding of frcnn/fcos,
-#: so padding is exactly 0 after normalisation, like torchvision's own batch padding.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class ImageFailed(RuntimeError):
     """An image the detector could not use (decode error, ...): recorded under ``on_error``."""
 
 
-# ---- preprocessing --------------------------------------------------------------------------------------
-def letterbox_image(img: Image.Image, size: int, pad_rgb: Sequence[float]) -> tuple[torch.Tensor, Letterbox]:
-    """Letterbox an RGB image into a ``size x size`` canvas.
-
-    The image is resized (PIL bilinear, aspect kept) to ``new_w x new_h`` = :meth:`Letterbox.fit` and
-    pasted at ``(dx, dy)``; the rest is ``pad_rgb`` (three floats in [0, 1]).
-    Returns the canvas ``(3, size, size)`` float32 in [0, 1] and its :class:`Letterbox`, whose
-    ``forward``/``inverse`` map xyxy boxes between original and canvas pixels exactly.
-    """
-    if img.mode != "RGB":
-        raise ValueError(f"letterbox_image needs an RGB image, got mode {img.mode!r}")
-    lb = Letterbox.fit(img.width, img.height, size)
-    if (lb.new_w, lb.new_h) != img.size:
-        img = img.resize((lb.new_w, lb.new_h), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3,h,w]
-    canvas = torch.tensor(list(pad_rgb), dtype=torch.float32).view(3, 1, 1).repeat(1, size, size)
-    canvas[:, lb.dy:lb.dy + lb.new_h, lb.dx:lb.dx + lb.new_w] = pixels.float() / 255.0
-    return canvas, lb
-
-
+# ---- preprocessing: letterbox_image and the ImageNet constants live in grounding.imaging (shared with the
+# students, who never import a teacher); re-exported above for existing callers.
 @dataclass(frozen=True)
 class LoadedImage:
     """One DataLoader item: position in the key list, canvas and letterbox, or the error message."""
@@ -344,7 +323,8 @@ def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = N
              "device": det.device.type, "torch": torch.__version__, **det.extra()}
     return write_stage(
         params, stage=det.stage, modules=[type(det).__module__, *det.code_modules, __name__, "grounding.boxes",
-                                          "grounding.data.images", "grounding.teachers.detectors.tiny"],
+                                          "grounding.data.images", "grounding.imaging",
+                                          "grounding.teachers.detectors.tiny"],
         level=det.level, fields=det.fields(), item_keys=[im.image_id for im in ds.images],
         rows=lambda todo: iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
         stage_params=det.output_params(), inputs={"dataset": ds.fingerprint()}, teacher=det.identity(),

@@ -26,10 +26,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from grounding.boxes import Letterbox
 from grounding.config import Params
+from grounding.imaging import IMAGENET_MEAN, IMAGENET_STD
 from grounding.shards import FieldSpec
 from grounding.teachers.detectors import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Detector,
     canvas_points_to_original,
     canvas_to_original,

@@ -33,10 +33,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from grounding import class_probs as cp
 from grounding.boxes import Letterbox
 from grounding.config import Params
+from grounding.imaging import IMAGENET_MEAN, IMAGENET_STD
 from grounding.shards import FieldSpec
 from grounding.teachers.detectors import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Detector,
     canvas_to_original,
     common_fields,

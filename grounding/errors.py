@@ -31,7 +31,10 @@ def one_line(e: BaseException, where: str = "") -> tuple[str, int]:
     msg = "; ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # disk full, I/O error
         msg += " (committed shards are kept; rerun to resume)"
-    return (f"{where}: {msg}" if where else msg), (2 if isinstance(e, ConfigError) else 1)
+    if where.startswith("stage ") and msg.startswith(where[len("stage "):] + ":"):
+        where = "stage"  # the message names the stage already: "stage x: x: ..." reads as "stage x: ..."
+    return (f"{where} {msg}" if where == "stage" else f"{where}: {msg}" if where else msg), \
+        (2 if isinstance(e, ConfigError) else 1)
 
 
 def load_weights(path: str | os.PathLike[str], key: str, fix: str | None = None) -> Any:

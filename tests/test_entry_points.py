@@ -43,6 +43,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     res = CliRunner().invoke(app, ["run", "gt-boxes", *sets])  # prepare + gt-boxes, default 1024 rows per shard
     assert res.exit_code == 0, res.output
     (tmp / "a-file").write_text("not a directory\n")
+    (tmp / "bad.yaml").write_text("seed: [1\n")
     return {"ws": str(tmp), "sets": shlex.join(sets), "gt": str(tmp / "teachers" / "gt-boxes" / "synthetic")}
 
 
@@ -55,6 +56,11 @@ CASES = [
      "paths.teachers={ws}/teachers paths.students={ws}/students paths.metrics={ws}/metrics progress=false", 1,
      "needs the shard set of refclip-pseudo"),
     ("stage-module-help", "proc", "{py} -m stages.gt_boxes --help", 0, "usage: python -m stages.gt_boxes"),
+    ("set-that-is-not-yaml", "cli", "run gt-boxes {sets} --set teachers.clip.prompts=[1", 2,
+     "override 'teachers.clip.prompts=[1': '[1' is not valid YAML"),
+    ("params-file-that-is-not-yaml", "cli", "run gt-boxes --params {ws}/bad.yaml", 2, "bad.yaml: not valid YAML"),
+    ("stage-error-inside-demo", "cli", "demo {sets} --set paths.prepared={ws}/a-file", 1,
+     "stage prepare: [Errno 20] Not a directory"),
     ("render-to-unwritable-path", "cli", "shards render {gt} syn000001 -o {ws}/a-file/x.png", 1,
      "cannot write the picture"),
     ("export-from-a-set-without-pseudo-boxes", "cli", "export pseudo --from {gt} -o {ws}/export {sets}", 1,

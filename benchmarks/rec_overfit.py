@@ -9,7 +9,7 @@ val (does the trunk look in the right place even when the box is not good enough
     python benchmarks/rec_overfit.py 128 100 0 students.rec.visual_stride=16
                                                    # measured: see README "Students"
 """
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -35,11 +35,17 @@ def _scores(model: torch.nn.Module, data: R.RecBatches) -> dict:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("size", type=int, help="students.rec.input_size")
+    ap.add_argument("epochs", type=int, help="students.rec.epochs")
+    ap.add_argument("n_images", type=int, help="first N training images (0: all)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of params.yaml")
+    a = ap.parse_args()
     torch.set_num_threads(1)
-    size, epochs, nimg = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    size, epochs, nimg = a.size, a.epochs, a.n_images
     p = config.load("params.yaml", [f"students.rec.input_size={size}", f"students.rec.epochs={epochs}",
                                     "students.rec.random_resize=[]", f"students.rec.lr_drop=[{epochs * 9 // 10}]",
-                                    "progress=false", *sys.argv[4:]])
+                                    "progress=false", *a.overrides])
     ds = CanonicalDataset.load(p.prepared_dir())
     train = [r for r in C.split_refs(ds, "train") if r.box is not None]
     ims = sorted({r.image_id for r in train})

@@ -150,10 +150,10 @@ def run(name: str) -> float:
     return time.perf_counter() - t0
 
 
-def collect(names: list[str]) -> dict[str, Any]:
+def collect(names: list[str], out: Path = OUT) -> dict[str, Any]:
     rows, missing = [], []
     for name in names:
-        path = OUT / f"{name}.json"
+        path = out / f"{name}.json"
         if not path.exists():
             missing.append(name)
             continue
@@ -186,6 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(COMMANDS), help=f"comma-separated subset of {list(COMMANDS)}")
     ap.add_argument("--collect-only", action="store_true", help="rebuild the table from benchmarks/out/*.json")
+    ap.add_argument("--out-dir", type=Path, default=OUT, help="where the benchmarks' JSON outputs are read "
+                    "(default benchmarks/out)")
     a = ap.parse_args()
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = set(names) - set(COMMANDS)
@@ -196,7 +198,11 @@ def main() -> None:
         for name in names:
             print(f"== {name} (needs: {COMMANDS[name][1]})", flush=True)
             print(f"   {run(name):.0f} s", flush=True)
-    res = collect(names)
+    res = collect(names, a.out_dir)
+    if not res["rows"]:  # a fresh clone has no benchmarks/out: never replace the committed table with an empty one
+        raise SystemExit(f"error: nothing collected: no output of {', '.join(names)} under {a.out_dir}; "
+                         f"benchmarks/results.md and results.json left as they are (run the benchmarks first, "
+                         f"without --collect-only)")
     (HERE / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     old = (HERE / "results.md").read_text() if (HERE / "results.md").exists() else ""
     (HERE / "results.md").write_text(markdown(res) + hand_written(old))

@@ -25,6 +25,9 @@ export_app = typer.Typer(help="Export pseudo-labels for existing students.", no_
 app.add_typer(export_app, name="export")
 weights_app = typer.Typer(help="Convert trusted pickled checkpoints into weights-only files.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+prefect_app = typer.Typer(help="A local Prefect server for the flow (127.0.0.1, PREFECT_HOME under the project).",
+                          no_args_is_help=True)
+app.add_typer(prefect_app, name="prefect")
 _WIDTH = None if sys.stdout.isatty() else 200  # piped output (logs, CI): wide tables, nothing truncated
 console = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
@@ -224,6 +227,8 @@ def shards_ls(root: str = typer.Argument("data", help="directory searched for sh
     """Table of the shard sets under ROOT: stage, level, rows, size, key, teacher."""
     from grounding.shards import Manifest, ShardError
 
+    if not Path(root).is_dir():
+        _fail(f"{root}: no such directory (give the directory that holds the shard sets, e.g. data)")
     t = Table("path", "stage", "level", "rows", "shards", "size", "key", "teacher", "errors")
     found = 0
     for mpath in sorted(Path(root).rglob("manifest.json")):
@@ -325,6 +330,8 @@ def shards_render(path: str, key: str, out: str = typer.Option(..., "--out", "-o
         dest = render_row(path, key, out, dataset=dataset)
     except (KeyError, ShardError, DataError) as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    except OSError as e:  # unwritable --out (permissions, a file as parent directory, a read-only disk)
+        _fail(f"--out {out}: cannot write the picture ({e.strerror or e}); choose a writable path")
     console.print(f"wrote {dest}")
 
 
@@ -347,18 +354,78 @@ def export_pseudo_cmd(
     from grounding.refclip.export import export_pseudo, images_inside
     from grounding.shards import ShardError
 
+    from grounding import errors
+
     p = _params(params, set_)
     src = Path(shard_dir) if shard_dir else p.teacher_dir("refclip-pseudo")
+    splits = pseudo_split or ["train"]
     try:
         ds = CanonicalDataset.load(p.prepared_dir())
+        _check_pseudo_source(src, ds, splits)
         files = export_pseudo(src, ds, out, format or p.refclip.export_format,
-                              layout=layout or p.refclip.export_layout, pseudo_splits=pseudo_split or ["train"],
+                              layout=layout or p.refclip.export_layout, pseudo_splits=splits,
                               transvg_dataset=transvg_dataset or p.refclip.transvg_dataset,
                               copy_images=images_inside(ds, p.paths.prepared))
-    except (DataError, ShardError, ValueError, OSError) as e:
-        _fail(str(e))
+    except (*errors.KNOWN, ValueError) as e:
+        _fail(*errors.one_line(e))
     for f in files:
         console.print(f"wrote {f}")
+
+
+def _check_pseudo_source(src: Path, ds, splits: list[str]) -> None:
+    """Refuse unknown ``--pseudo-split`` names (ConfigError naming the dataset's splits) and a ``--from`` set
+    holding no pseudo-box for any sentence of those splits (DataError naming the set and the stage that
+    writes pseudo-boxes), instead of an export of GT only."""
+    from grounding.data.schema import DataError
+    from grounding.shards import ShardSet
+
+    have = sorted({r.split for r in ds.refs})
+    bad = [s for s in splits if s not in have]
+    if bad:
+        raise C.ConfigError(f"--pseudo-split {', '.join(bad)}: no such split in dataset {ds.name!r}; its splits "
+                            f"are {', '.join(have)}")
+    ss = ShardSet(src)
+    m = ss.manifest
+    wanted = [r.ref_id for r in ds.refs if r.split in splits]
+    if m.level != "sentence" or "box" not in {f.name for f in m.fields} or not any(k in ss for k in wanted):
+        raise DataError(f"--from {src}: shard set of stage {m.stage} ({m.level} level) holds no pseudo-box for "
+                        f"the {len(wanted)} sentences of split(s) {', '.join(splits)}; pseudo-boxes are written "
+                        f"by the refclip-pseudo stage (`grounding run refclip-pseudo`, output "
+                        f"data/teachers/refclip-pseudo/<dataset>)")
+
+
+# ---- prefect --------------------------------------------------------------------------------------------
+PrefectHomeOpt = typer.Option(".prefect", "--home", help="PREFECT_HOME of the server (its SQLite database and log)")
+
+
+@prefect_app.command("up")
+def prefect_up(port: Optional[int] = typer.Option(None, help="port on 127.0.0.1 (default: 4200 when free, else a "
+                                                              "free one)"),
+               home: str = PrefectHomeOpt,
+               timeout: float = typer.Option(120, help="seconds to wait for the server's /api/health")) -> None:
+    """Start `prefect server start` on 127.0.0.1 in the background, wait until /api/health answers, and print
+    the exports for the clients: `eval "$(grounding prefect up)"`."""
+    from grounding import prefect_server as P
+
+    err.print(f"starting a Prefect server on {P.HOST} (PREFECT_HOME={Path(home).resolve()}), waiting up to "
+              f"{timeout:.0f} s for /api/health ...")
+    try:
+        st = P.up(Path(home), port, timeout)
+    except (RuntimeError, OSError) as e:
+        _fail(str(e))
+    err.print(f"Prefect server up: pid {st['pid']}, {st['api_url']} (stop it: grounding prefect down)")
+    print(f"export PREFECT_API_URL={st['api_url']} PREFECT_HOME={Path(home).resolve()}")
+
+
+@prefect_app.command("down")
+def prefect_down(home: str = PrefectHomeOpt) -> None:
+    """Stop the server `grounding prefect up` started under --home."""
+    from grounding import prefect_server as P
+
+    st = P.down(Path(home))
+    if st is None:
+        _fail(f"{home}: no server started by `grounding prefect up` recorded there")
+    console.print(f"stopped the Prefect server (pid {st['pid']}, {st['api_url']})")
 
 
 # ---- weights ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ def is_known(e: BaseException) -> bool:
 def one_line(e: BaseException, where: str = "") -> tuple[str, int]:
     """``(message, exit code)`` for a known error: one line (a multi-line message is joined with "; ")."""
     msg = "; ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # disk full, I/O error
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # disk full, I/O error
         msg += " (committed shards are kept; rerun to resume)"
-    return (f"{where}: {msg}" if where else msg), (2 if isinstance(e, ConfigError) else 1)
+    if where.startswith("stage ") and msg.startswith(where[len("stage "):] + ":"):
+        where = "stage"  # the message names the stage already: "stage x: x: ..." reads as "stage x: ..."
+    return (f"{where} {msg}" if where == "stage" else f"{where}: {msg}" if where else msg), \
+        (2 if isinstance(e, ConfigError) else 1)
 
 
 def load_weights(path: str | os.PathLike[str], key: str, fix: str | None = None) -> Any:

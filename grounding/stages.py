@@ -106,6 +106,11 @@ def write_stage(
                      item_hashes=hashes, reuse_from=sources, wait=params.shards.wait) as w:
         if w.complete:
             log.info("%s: up to date at %s (key %s)", stage, out, key[:12])
+            kept = w.manifest.rows_per_shard
+            if kept and kept != spec.rows_per_shard:  # the layout is not part of the key: rows are the same
+                log.warning("%s: %s is up to date and keeps its layout of %d rows per shard; "
+                            "shards.rows_per_shard=%d applies to sets written from now on (delete the directory "
+                            "to re-shard it)", stage, out, kept, spec.rows_per_shard)
             return out
         if w.reused:
             log.info("%s: %d of %d shards reused (%d kept, %d copied), computing %d rows", stage, len(w.reused),

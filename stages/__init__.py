@@ -11,13 +11,18 @@ def main(stage: str, argv: list[str] | None = None) -> None:
     """Run ``stage`` with ``params.yaml`` and ``key.path=value`` overrides from ``argv``."""
     import logging
 
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(f"usage: python -m stages.{stage.replace('-', '_')} [key.path=value ...]\n\nRun stage {stage} with "
+              "params.yaml and these overrides (what `dvc repro` calls); `grounding run --help` has more.")
+        return
     from grounding import config, errors, stages
 
     # the stages' own INFO lines ("<stage>: up to date ...") show in `dvc repro`'s log; other libraries stay quiet
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grounding").setLevel(logging.INFO)
     try:
-        params = config.load("params.yaml", sys.argv[1:] if argv is None else argv)
+        params = config.load("params.yaml", args)
         out = stages.run(stage, params)
     except errors.KNOWN as e:
         msg, code = errors.one_line(e, f"stage {stage}")

@@ -339,11 +339,11 @@ def test_export_cli(synthetic: tuple, tmp_path: Path) -> None:
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "simrec", "-o", str(tmp_path / "mine"),
                                    "--from", str(pseudo_dir), *sets])
-    assert res.exit_code == 1 and "not an earlier export" in res.output
+    assert res.exit_code == 2 and "not an earlier export" in res.output  # a ConfigError: exit 2, as everywhere
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "transvg", "--layout", "referit", "-o",
                                    str(tmp_path / "tv"), "--from", str(pseudo_dir), *sets])
     assert res.exit_code == 2 and "not splits TransVG's loader accepts" in res.output
     res = CliRunner().invoke(app, ["export", "pseudo", "-f", "coco", "-o", str(tmp_path / "x"),
                                    "--from", str(pseudo_dir), *sets])
-    assert res.exit_code == 1 and "unknown export format" in res.output
+    assert res.exit_code == 2 and "unknown export format" in res.output

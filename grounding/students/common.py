@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from grounding import imaging
 from grounding.boxes import Letterbox
 from grounding.data.images import load_rgb
-from grounding.data.schema import CanonicalDataset, RefRecord
+from grounding.data.schema import CanonicalDataset, DataError, RefRecord
 from grounding.evaluate import accuracy
 from grounding.progress import progress_bar
 from grounding.runtime import torch_threads  # noqa: F401 - re-exported for the student stages
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = imaging.IMAGENET_MEAN, imaging.IMAGENET_STD  # grounding.imaging's (shared)
 
 
-class StudentInputError(ValueError):
-    """A student's input shard set does not belong to its dataset or lacks rows it needs."""
+class StudentInputError(DataError):
+    """A student's input shard set does not belong to its dataset or lacks rows it needs (a ``DataError``,
+    so a known error: one line at every entry point)."""
 
 
 # ---- input checks (public: the other students import these) --------------------------------------------

@@ -19,8 +19,9 @@ from grounding.data import synthetic as S
 from grounding.data.schema import CanonicalDataset
 from grounding.data.simrec import read_simrec
 from grounding.data.transvg import read_transvg
-from grounding.refclip.loss import anchor_contrastive_loss
-from grounding.refclip.model import RefCLIP, RefCLIPConfig, build_vocab, encode, from_checkpoint
+from grounding.refclip.loss import anchor_contrastive_loss, published_contrastive_loss
+from grounding.refclip.model import RefCLIP, RefCLIPConfig, RefCLIPNet, from_checkpoint
+from grounding.refclip.text import build_vocab, encode
 from grounding.shards import FieldSpec, ShardSet, ShardSetSpec, ShardWriter
 
 N_IMAGES = 40
@@ -60,10 +61,12 @@ def test_same_image_items_are_not_negatives() -> None:
 
 def test_vocab_encode_and_checkpoint_round_trip() -> None:
     vocab = build_vocab(["the red circle", "a Red square!", "über-blue"])
-    assert vocab[:2] == ["<pad>", "<unk>"] and vocab[2:] == sorted(vocab[2:]) and "über" in vocab
+    assert vocab == ["PAD", "UNK", "CLS", "the", "red", "circle", "a", "square", "über", "blue"]  # first seen
     ids, trunc = encode(["the red circle left of the blue star", ""], vocab, max_len=4)
-    assert ids.shape == (2, 4) and trunc.tolist() == [True, False] and ids[1, 0] == 1
-    model = RefCLIP(RefCLIPConfig(vocab_size=len(vocab), feature_dim=8, word_dim=16, hidden=32, heads=4))
+    assert ids.shape == (2, 4) and trunc.tolist() == [True, False] and ids[0].tolist() == [3, 4, 5, 1]
+    assert ids[1].tolist() == [0, 0, 0, 0]  # the public encoding: an empty sentence is all padding
+    model = RefCLIP(RefCLIPConfig(vocab_size=len(vocab), features="p5-cells", feature_dim=8, word_dim=16,
+                                  hidden=32, heads=4, ff_size=64))
     from grounding.refclip.model import checkpoint
 
     buf = Path(__file__).parent / "_ckpt_tmp.pt"
@@ -116,7 +119,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> config.Params:
     p = config.load(None, [f"dataset.synthetic.n_images={N_IMAGES}", "progress=false",
                            *(f"paths.{k}={tmp}/{k}" for k in ("prepared", "teachers", "models", "metrics")),
                            "refclip.epochs=30", "refclip.lr=0.003", "refclip.batch_size=32", "refclip.hidden=64",
-                           "refclip.word_dim=32", "refclip.heads=4"])
+                           "refclip.word_dim=32", "refclip.heads=4", "refclip.ff_size=128",
+                           "refclip.features=p5-cells"])
     stages.run("prepare", p)
     _oracle_anchors(p, CanonicalDataset.load(p.prepared_dir()))
     for name in ("refclip-train", "refclip-pseudo", "refclip-export"):

@@ -142,7 +142,13 @@ class FcosParams(DetectorParams):
 
 
 class YoloParams(_Section):
-    """The YOLOv3 anchor teacher (``teachers.yolo``, ultralytics).
+    """The YOLOv3 anchor teacher (``teachers.yolo``).
+
+    ``backend: darknet``: SimREC's / RefCLIP's YOLOv3 (DarkNet-53, SPP, three anchor-guided heads;
+    :mod:`grounding.teachers.detectors.darknet`) on SimREC's input (int-size cv2 resize, grey 127, ImageNet
+    mean/std); ``weights`` a public-layout state dict (``yolov3_coco.pth``, ``yolov3_vg.pth``) whose width and
+    class count are read from its shapes; ``width_multiple`` only sizes the bootstrapped network (``config``,
+    ``depth_multiple`` and ``pad_value`` are ultralytics-only). ``backend: ultralytics``:
 
     ``config``: a model yaml shipped with grounding (``yolov3-p5.yaml``: YOLOv3 detecting on the stride-32
     level only, the default for the bootstrap), with ultralytics (``yolov3.yaml`` for real YOLOv3 weights)
@@ -152,7 +158,7 @@ class YoloParams(_Section):
     the top ``keep_ratio`` of stride-32 cells by confidence are kept.
     """
 
-    backend: Literal["ultralytics"] = "ultralytics"
+    backend: Literal["ultralytics", "darknet"] = "ultralytics"
     config: str = "yolov3-p5.yaml"
     depth_multiple: float | None = Field(0.33, gt=0)
     width_multiple: float | None = Field(0.125, gt=0)
@@ -169,6 +175,15 @@ class YoloParams(_Section):
     @classmethod
     def _input_size_multiple_of_32(cls, v: int) -> int:
         return _check_input_size(v)
+
+    @model_validator(mode="after")
+    def _darknet_width(self) -> "YoloParams":
+        if self.backend == "darknet" and not self.weights:
+            w = self.width_multiple
+            if w is None or abs(32 * w - round(32 * w)) > 1e-6 or round(32 * w) < 1:
+                raise ValueError(f"teachers.yolo.width_multiple: {w} cannot size the bootstrapped darknet; "
+                                 "32 x width_multiple must be a positive integer (e.g. 0.125, 0.25, 1.0)")
+        return self
 
 
 class ClipBootstrapParams(_Section):

@@ -16,13 +16,14 @@ train split (:mod:`grounding.teachers.bootstrap`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -80,19 +81,26 @@ class LoadedImage:
     error: str | None = None
 
 
+#: ``(RGB image) -> (canvas (3, S, S) float32 in [0, 1], Letterbox)``: a backend's preprocessing.
+LetterboxFn = Callable[[Image.Image], "tuple[torch.Tensor, Letterbox]"]
+
+
 class LetterboxedImages(Dataset):
     """Decodes (``load_rgb``) and letterboxes images in DataLoader workers; failures become items with
-    ``error`` set (the stage applies ``on_error``), never exceptions that would kill the loader."""
+    ``error`` set (the stage applies ``on_error``), never exceptions that would kill the loader.
+    ``letterbox`` (picklable) replaces the default :func:`letterbox_image` with ``size``/``pad_rgb``."""
 
-    def __init__(self, image_root: Path, records: Sequence[ImageRecord], size: int, pad_rgb: Sequence[float]):
+    def __init__(self, image_root: Path, records: Sequence[ImageRecord], size: int, pad_rgb: Sequence[float],
+                 letterbox: LetterboxFn | None = None):
         self.image_root, self.records, self.size, self.pad_rgb = image_root, list(records), size, tuple(pad_rgb)
+        self.letterbox = letterbox or functools.partial(letterbox_image, size=size, pad_rgb=self.pad_rgb)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> LoadedImage:
         try:
-            canvas, lb = letterbox_image(load_rgb(self.image_root, self.records[i]), self.size, self.pad_rgb)
+            canvas, lb = self.letterbox(load_rgb(self.image_root, self.records[i]))
         except Exception as e:  # noqa: BLE001 - any per-image failure is recorded, not fatal to the loader
             return LoadedImage(i, None, None, f"{type(e).__name__}: {e}")
         return LoadedImage(i, canvas, lb)
@@ -181,6 +189,8 @@ class Detector(ABC):
     teacher: str = ""
     library: str = ""
     level: str = "region"
+    #: Further modules whose code enters the stage key (the backend's own module always does).
+    code_modules: tuple[str, ...] = ()
 
     def __init__(self, params: Params, weights: Path, device: torch.device | str = "cpu") -> None:
         self.params = params
@@ -200,6 +210,11 @@ class Detector(ABC):
     def pad_rgb(self) -> tuple[float, float, float]:
         """Canvas padding colour, three floats in [0, 1]."""
         return IMAGENET_MEAN
+
+    def letterbox_fn(self) -> LetterboxFn:
+        """The backend's preprocessing (picklable, runs in DataLoader workers): by default
+        :func:`letterbox_image` into ``input_size`` with :attr:`pad_rgb`."""
+        return functools.partial(letterbox_image, size=self.input_size, pad_rgb=self.pad_rgb)
 
     @cached_property
     def checkpoint(self) -> Checkpoint:
@@ -262,7 +277,8 @@ class Detector(ABC):
 
     def detect_images(self, images: Sequence[Image.Image]) -> list[dict[str, np.ndarray]]:
         """Rows for decoded RGB images (letterboxed here); convenience for tests and notebooks."""
-        pairs = [letterbox_image(im, self.input_size, self.pad_rgb) for im in images]
+        fn = self.letterbox_fn()
+        pairs = [fn(im) for im in images]
         return self.detect(torch.stack([c for c, _ in pairs]), [lb for _, lb in pairs])
 
 
@@ -305,7 +321,8 @@ def iter_rows(detector: Detector, ds: CanonicalDataset, keys: Sequence[str], *, 
     """Yield ``(image_id, row | ImageFailed)`` for ``keys`` in order; decoding runs in ``num_workers``
     DataLoader worker processes so the model is not starved."""
     index = ds.image_index
-    data = LetterboxedImages(ds.image_root, [index[k] for k in keys], detector.input_size, detector.pad_rgb)
+    data = LetterboxedImages(ds.image_root, [index[k] for k in keys], detector.input_size, detector.pad_rgb,
+                             detector.letterbox_fn())
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=detector.device.type == "cuda",
                         prefetch_factor=4 if num_workers else None)
@@ -331,7 +348,7 @@ def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = N
     extra = {**dataset_extra(params, ds, out), "classes": det.classes, "weights_file": str(weights),
              "device": det.device.type, "torch": torch.__version__, **det.extra()}
     return write_stage(
-        params, stage=det.stage, modules=[type(det).__module__, __name__, "grounding.boxes",
+        params, stage=det.stage, modules=[type(det).__module__, *det.code_modules, __name__, "grounding.boxes",
                                           "grounding.data.images", "grounding.teachers.detectors.tiny"],
         level=det.level, fields=det.fields(), item_keys=[im.image_id for im in ds.images],
         rows=lambda todo: iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
@@ -355,6 +372,8 @@ def build_detector(teacher: str, params: Params, weights: Path, device: torch.de
             from grounding.teachers.detectors.mmdet import MMDetFCOSDetector as cls
         else:
             from grounding.teachers.detectors.fcos import FCOSDetector as cls
+    elif backend == "darknet":
+        from grounding.teachers.detectors.darknet_stage import DarknetDetector as cls
     else:
         from grounding.teachers.detectors.yolo import YoloDetector as cls
     return cls(params, weights, device)

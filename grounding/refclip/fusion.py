@@ -12,14 +12,16 @@ dict; in the public code they run in training too, which updates only their own 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
 
 def darknet_conv(n_in: int, n_out: int, k: int) -> nn.Sequential:
     """conv (k x k, stride 1, 'same' padding, no bias) → BatchNorm → LeakyReLU(0.1): keys conv/batch_norm."""
-    return nn.Sequential(dict(conv=nn.Conv2d(n_in, n_out, k, padding=(k - 1) // 2, bias=False),
-                              batch_norm=nn.BatchNorm2d(n_out), leaky=nn.LeakyReLU(0.1)))
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(n_in, n_out, k, padding=(k - 1) // 2, bias=False),
+                                     batch_norm=nn.BatchNorm2d(n_out), leaky=nn.LeakyReLU(0.1)))
 
 
 class MultiScaleFusion(nn.Module):

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from grounding.artefacts import build_once

@@ -406,7 +406,7 @@ def test_degenerate_anchors_are_masked_in_the_table(multiscale: config.Params) -
     from grounding.refclip.train import best_anchor
 
     anchors = ShardSet(multiscale.teacher_dir("yolo-anchors"))
-    ids = sorted(anchors.keys())[:6]
+    ids = sorted(anchors)[:6]
     table = load_anchor_table(anchors, ids, "multiscale")
     for i, k in enumerate(ids):
         r = anchors.get(k)
@@ -519,3 +519,24 @@ def test_public_checkpoint_goes_straight_into_refclip_pseudo(multiscale: config.
     short.write_text(json.dumps({"train": [{"refs": ["one two"]}]}))
     with pytest.raises(ValueError, match=r"gives 5 tokens, the checkpoint's embedding has \d+ rows"):
         load_public_checkpoint(ckpt, str(short), p.refclip)
+
+
+def test_training_with_frozen_glove_vectors(tmp_path: Path) -> None:
+    from grounding.refclip.anchors import AnchorTable
+    from grounding.refclip.train import train_refclip
+
+    glove = tmp_path / "glove.txt"
+    glove.write_text("red 1 0 0 0\nblue 0 1 0 0\nball 0 0 1 0\n")
+    rp = config.load(None, [f"refclip.word_vectors={glove}", "refclip.word_dim=4", "refclip.hidden=8",
+                            "refclip.heads=2", "refclip.ff_size=16", "refclip.epochs=2", "refclip.batch_size=2",
+                            "refclip.features=p5-cells", "refclip.n_self_attention=1"]).refclip
+    n, k = 4, 3
+    table = AnchorTable([f"i{i}" for i in range(n)], "p5-cells", torch.ones(n, k, dtype=torch.bool),
+                        np.zeros((n, k, 4), np.float32), np.zeros((n, k), np.int32), np.zeros((n, k), np.float32),
+                        [np.zeros((k, 4), np.float32)] * n, features=torch.randn(n, k, 5))
+    texts = ["red ball", "blue ball", "red thing", "blue"]
+    model, vocab, curve = train_refclip(table, texts, [0, 1, 2, 3], rp, seed=0, device=torch.device("cpu"),
+                                        progress=False)
+    emb = model.lang_encoder.embedding.weight
+    assert not emb.requires_grad and model.cfg.word_vectors == str(glove) and len(curve) == 2
+    assert emb[vocab.index("red")].tolist() == [1, 0, 0, 0] and emb[vocab.index("thing")].tolist() == [0, 0, 0, 0]

@@ -25,10 +25,11 @@ from grounding.shards import FieldSpec, ShardSet
 from grounding.shards.keys import file_sha256
 
 PSEUDO_FIELDS = (
-    FieldSpec("box", "float32", (4,), meaning="pseudo-box: box of the best-scoring kept anchor, xyxy original pixels"),
+    FieldSpec("box", "float32", (4,), meaning="pseudo-box: the box of the best-scoring valid kept anchor (multiscale: "
+              "its highest-objectness valid box), clipped, xyxy original pixels; the whole image if none is valid"),
     FieldSpec("score", "float32", (), meaning="RefCLIP anchor-text score of that anchor"),
-    FieldSpec("anchor", "int32", (), meaning="row-major stride-32 grid cell index of that anchor"),
-    FieldSpec("anchor_rank", "int32", (), meaning="index of that anchor among the image's kept anchors"),
+    FieldSpec("anchor", "int32", (), meaning="row-major stride-32 grid cell index of that anchor (-1: none valid)"),
+    FieldSpec("anchor_rank", "int32", (), meaning="index of that anchor among the image's kept anchors (-1: none)"),
     FieldSpec("truncated", "bool", (), meaning="sentence longer than refclip.max_len tokens (truncated)"),
 )
 

@@ -25,6 +25,7 @@ from grounding.refclip.recipe import make_ema, make_optimizer
 from grounding.refclip.text import build_vocab, encode, load_word_vectors
 from grounding.runtime import resolve_device, seed_everything
 from grounding.shards import ShardSet, code_version, stage_key
+from grounding.shards.keys import file_sha256
 
 log = logging.getLogger(__name__)
 TRAIN_MODULES = ("grounding.refclip.model", "grounding.refclip.loss", "grounding.refclip.train",
@@ -147,6 +148,18 @@ def train_sentences(ds: CanonicalDataset, split: str = "train") -> list[tuple[st
     return [(r.ref_id, r.image_id, r.text) for r in ds.refs if r.split == split]
 
 
+def _vectors_id(path: str | None) -> str:
+    """Content id of the word vectors (a file's sha256; a directory's files' names and sizes)."""
+    if not path:
+        return ""
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        return str(sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*") if f.is_file()))
+    raise ValueError(f"refclip.word_vectors: {p} does not exist (a GloVe .txt or a spaCy vectors directory)")
+
+
 def model_path(params: Params) -> Path:
     return Path(params.paths.models) / "refclip" / f"{params.dataset.name}.pt"
 
@@ -164,7 +177,8 @@ def run_refclip_train(params: Params) -> Path:
     dropped = len(sents) - len(usable)
     key = stage_key("refclip-train", code_version(TRAIN_MODULES), {"anchors": anchors.manifest.teacher},
                     rp.model_dump(mode="json") | {"seed": params.seed},
-                    {"dataset": ds.fingerprint(), "anchors": anchors.manifest.stage_key})
+                    {"dataset": ds.fingerprint(), "anchors": anchors.manifest.stage_key,
+                     "word_vectors": _vectors_id(rp.word_vectors)})
     out = model_path(params)
     curve_path = Path(params.paths.metrics) / "refclip-train-curve.json"
 

@@ -33,7 +33,7 @@ def run_variant(name: str, base: list[str], extra: list[str], out: Path) -> dict
             *(f"paths.{k}={root / k}" for k in ("teachers", "metrics")), f"paths.models={root / 'models'}"]
     params = C.load("params.yaml", sets)
     t0 = time.perf_counter()
-    for stage in ("yolo-anchors", "refclip-train", "refclip-pseudo"):
+    for stage in stages.plan(["refclip-pseudo"]):  # prepare, bootstrap-yolo, yolo-anchors, refclip-train, ...
         stages.run(stage, params)
     report = json.loads((Path(params.paths.metrics) / "refclip.json").read_text())
     return {"sets": sets, "seconds": round(time.perf_counter() - t0, 1), **report}

@@ -54,6 +54,10 @@ def _random_weights(params: C.Params, teacher: str, out: Path) -> Path:
         from grounding.teachers.detectors.fcos import build_fcos
 
         model, meta = build_fcos(cfg.arch, n, input_size=cfg.input_size), {"arch": cfg.arch}
+    elif cfg.backend == "darknet":
+        from grounding.teachers.detectors.darknet import DarknetConfig, DarknetYolo
+
+        model, meta = DarknetYolo(DarknetConfig(cfg.width_multiple, n)), {}
     else:
         from grounding.teachers.detectors.yolo import import_ultralytics, model_config
 

@@ -77,14 +77,24 @@ class BootstrapParams(_Section):
 
 
 class YoloBootstrapParams(BootstrapParams):
-    """Bootstrap of the scaled YOLOv3 (ultralytics' trainer, mosaic augmentation: more, cheaper epochs)."""
+    """Bootstrap of the scaled YOLOv3. ``backend: darknet`` (the default): this project's loop and loss
+    (:mod:`grounding.teachers.detectors.darknet_train`) on ``crop``-pixel windows of the canvases;
+    ``backend: ultralytics``: ultralytics' trainer with mosaic (README: 40 epochs, batch 16, no crop)."""
 
-    epochs: int = Field(40, ge=1)  # 10 left the stride-32 features and recall poor (val recall 0.34 vs 0.96)
-    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1)
     input_size: int | None = Field(416, ge=32)
     # training labels: the shape class, or colour x shape ("red circle": 80 classes), an attribute-aware
     # detector whose stride-32 features must keep the colour most synthetic sentences name
     labels: Literal["shape", "colour-shape"] = "shape"
+    # darknet backend only: side of the random window (multiple of 32) cut from each input_size canvas per
+    # step (objects keep their scale, the step costs (crop / input_size)^2); null: the whole canvas
+    crop: int | None = Field(224, ge=32)
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_multiple_of_32(cls, v: int | None) -> int | None:
+        return None if v is None else _check_input_size(v)
 
 
 def _check_input_size(v: int) -> int:
@@ -158,7 +168,7 @@ class YoloParams(_Section):
     the top ``keep_ratio`` of stride-32 cells by confidence are kept.
     """
 
-    backend: Literal["ultralytics", "darknet"] = "ultralytics"
+    backend: Literal["darknet", "ultralytics"] = "darknet"
     config: str = "yolov3-p5.yaml"
     depth_multiple: float | None = Field(0.33, gt=0)
     width_multiple: float | None = Field(0.125, gt=0)

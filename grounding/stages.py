@@ -241,21 +241,23 @@ def _detector_stages() -> tuple[StageDef, ...]:
     call = _lazy
     boot, det = "grounding.teachers.bootstrap", "grounding.teachers.detectors"
     mods = (det, "grounding.teachers.detectors.tiny", "grounding.boxes", "grounding.data.images")
+    darknet = (f"{det}.darknet", f"{det}.darknet_stage")
     return (
         StageDef("bootstrap-frcnn", "tiny Faster R-CNN trained on the synthetic train split (when no weights)",
                  (boot, f"{det}.torchvision_rcnn", *mods), call(boot, "run_bootstrap_frcnn"), needs=("prepare",)),
         StageDef("bootstrap-fcos", "tiny FCOS trained on the synthetic train split (when no weights)",
                  (boot, f"{det}.fcos", *mods), call(boot, "run_bootstrap_fcos"), needs=("prepare",)),
-        StageDef("bootstrap-yolo", "scaled YOLOv3 trained with ultralytics on the synthetic train split",
-                 (boot, f"{det}.yolo", *mods), call(boot, "run_bootstrap_yolo"), needs=("prepare",)),
+        StageDef("bootstrap-yolo", "width-scaled SimREC YOLOv3 (darknet; or ultralytics') trained on the synthetic "
+                 "train split", (boot, f"{det}.yolo", *darknet, f"{det}.darknet_train", *mods), call(boot, "run_bootstrap_yolo"), needs=("prepare",)),
         StageDef("frcnn-proposals", "Faster R-CNN top-100 boxes, scores, class probabilities, RoI features",
                  (f"{det}.torchvision_rcnn", *mods), call(f"{det}.torchvision_rcnn", "run_frcnn_proposals"),
                  needs=("prepare", "bootstrap-frcnn"), fan_out=True),
         StageDef("fcos-points", "FCOS P5 points: ltrb/xyxy boxes, centerness and class logits",
                  (f"{det}.fcos", *mods), call(f"{det}.fcos", "run_fcos_points"),
                  needs=("prepare", "bootstrap-fcos"), fan_out=True),
-        StageDef("yolo-anchors", "YOLOv3 stride-32 cells: neck features, boxes, confidence; top keep_ratio kept",
-                 (f"{det}.yolo", *mods), call(f"{det}.yolo", "run_yolo_anchors"),
+        StageDef("yolo-anchors", "YOLOv3 (darknet: three pre-head maps, stride-32 boxes/objectness of every cell; "
+                 "ultralytics: neck features of the cells); top keep_ratio cells kept",
+                 (f"{det}.yolo", *darknet, *mods), call(f"{det}.yolo", "run_yolo_anchors"),
                  needs=("prepare", "bootstrap-yolo"), fan_out=True),
     )
 

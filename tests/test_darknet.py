@@ -287,3 +287,131 @@ def test_darknet_params_validation(tmp_path: Path) -> None:
         C.from_dict({"teachers": {"yolo": {"backend": "darknet53"}}})
     assert C.from_dict({"teachers": {"yolo": {"backend": "darknet", "width_multiple": 0.125}}}).teachers.yolo.backend \
         == "darknet"
+
+
+# ---- bootstrap ------------------------------------------------------------------------------------------------
+def test_yolo_loss_assigns_every_level_and_overfits_one_image() -> None:
+    from grounding.teachers.detectors.darknet_train import train_darknet, yolo_loss
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    canvas = torch.randn(3, 96, 96)
+    target = (torch.tensor([[10.0, 12.0, 50.0, 40.0], [60.0, 50.0, 90.0, 95.0]]), torch.tensor([1, 0]))
+    model = DarknetYolo(DarknetConfig(WIDTH, 2))
+    with torch.no_grad():
+        before = yolo_loss(model, model(canvas[None], decode=False), [target[0]], [target[1]])
+    assert set(before) == {"xy", "wh", "guide", "obj", "cls"} and all(float(v) > 0 for v in before.values())
+    model, stats = train_darknet([canvas], [target], DarknetConfig(WIDTH, 2), epochs=40, batch_size=1, lr=3e-3,
+                                 crop=96, gen=gen)
+    assert stats["final_loss"] < 0.5 * stats["first_loss"], stats
+    with torch.no_grad():
+        p32 = model(canvas[None])["preds"][0][0]  # (4, 3, 3, 7)
+    # the stride-32 cell holding the first box's centre (30, 26) -> (y 0, x 0) scores above the empty ones
+    obj = p32[..., 4].mean(0)
+    assert obj[0, 0] > obj[1, 0] and obj[0, 0] > obj[0, 1], obj
+
+
+def test_bootstrap_writes_a_public_layout_state_dict_the_stage_loads(tmp_path: Path) -> None:
+    from grounding import stages
+    from grounding.data.synthetic import CLASSES
+    from grounding.teachers.bootstrap import bootstrap_path
+    from tests.test_detectors import make_params
+
+    p = make_params(tmp_path, yolo={"backend": "darknet", "input_size": 128,
+                                    "bootstrap": {"epochs": 1, "batch_size": 4, "input_size": 128, "crop": 64}})
+    stages.run("prepare", p)
+    weights = stages.run("bootstrap-yolo", p)
+    assert weights == bootstrap_path(p, "yolo")
+    sd = torch.load(weights, weights_only=True)
+    assert isinstance(sd, dict) and all(k.startswith("module_list.") for k in sd)
+    assert infer_config(sd) == DarknetConfig(WIDTH, len(CLASSES))
+    shards = ShardSet(stages.run("yolo-anchors", p))
+    assert shards.manifest.extra["classes"] == list(CLASSES)
+    assert shards.manifest.teacher["weights_sha256"] == build_detector("yolo", p, weights).checkpoint.sha256
+
+
+# ---- against the published code (when a checkout of kingthreestones/RefCLIP is at hand) ------------------------
+_REFCLIP_GIT = Path("/work/.mirror/kingthreestones+RefCLIP/repo")
+_DCN_SHIM = '''
+import math, torch
+from torch import nn
+from torchvision.ops import deform_conv2d
+class DeformConv2d(nn.Module):  # the published module's parameters; torchvision's kernel (same offset layout)
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation=1, groups=1,
+                 deformable_groups=1, im2col_step=64, bias=True):
+        super().__init__()
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -0.01, 0.01)
+    def forward(self, input, offset):
+        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                             dilation=self.dilation)
+'''
+
+
+def _published_sources(dst: Path) -> bool:
+    """Write the published models/visual_encoder.py + network_blocks.py (from ``$GROUNDING_REFCLIP_SRC``, a
+    checkout, or the local git mirror) and a DCN shim under ``dst``; False when neither is available."""
+    import os
+    import subprocess
+
+    files = ("models/visual_encoder.py", "models/network_blocks.py")
+    src = os.environ.get("GROUNDING_REFCLIP_SRC")
+    texts = {}
+    for f in files:
+        if src and (Path(src) / f).is_file():
+            texts[f] = (Path(src) / f).read_text()
+        elif _REFCLIP_GIT.is_dir():
+            r = subprocess.run(["git", "-C", str(_REFCLIP_GIT), "show", f"HEAD:{f}"], capture_output=True, text=True)
+            if r.returncode:
+                return False
+            texts[f] = r.stdout
+        else:
+            return False
+    for f, t in texts.items():
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        (dst / f).write_text(t)
+    for pkg in ("models", "utils", "utils/DCN", "utils/DCN/modules"):
+        (dst / pkg).mkdir(parents=True, exist_ok=True)
+        (dst / pkg / "__init__.py").write_text("")
+    (dst / "utils/DCN/modules/deform_conv2d.py").write_text(_DCN_SHIM)
+    return True
+
+
+def test_equals_the_published_network_on_its_random_weights(tmp_path: Path) -> None:
+    """The published YOLOv3 (its own code, DCN through torchvision) with random weights and BN statistics,
+    saved as a state dict, loaded here: the three pre-head maps and every level's boxes and scores agree."""
+    import subprocess
+    import sys
+
+    if not _published_sources(tmp_path / "pub"):
+        pytest.skip("no kingthreestones/RefCLIP source (set GROUNDING_REFCLIP_SRC to a checkout)")
+    script = f'''
+import sys, torch
+sys.path.insert(0, {str(tmp_path / "pub")!r})
+from models.visual_encoder import YOLOv3
+torch.manual_seed(0)
+net = YOLOv3(num_classes=80).eval()
+for m in net.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-0.1, 0.1); m.running_var.uniform_(0.5, 1.5)
+        m.weight.data.uniform_(0.5, 1.5); m.bias.data.uniform_(-0.1, 0.1)
+x = torch.randn(1, 3, 416, 416)
+with torch.no_grad():
+    _, maps, boxes = net(x)
+torch.save(net.state_dict(), {str(tmp_path / "w.pth")!r})
+torch.save({{"x": x, "maps": maps, "boxes": boxes}}, {str(tmp_path / "out.pt")!r})
+'''
+    # a subprocess: the published package names (models, utils) must not shadow anything in this process
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    ref = torch.load(tmp_path / "out.pt", weights_only=True)
+    model = from_state_dict(torch.load(tmp_path / "w.pth", weights_only=True), "w.pth")
+    with torch.no_grad():
+        out = model(ref["x"])
+    for a, b in zip(ref["maps"], out["maps"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, p in zip(ref["boxes"], out["preds"]):  # published: (B, cells, 4, 5 + C); here (B, 4, G, G, 5 + C)
+        g = p.shape[2]
+        torch.testing.assert_close(p.permute(0, 2, 3, 1, 4).reshape(1, g * g, 4, -1), a, rtol=1e-5, atol=1e-3)

@@ -45,7 +45,8 @@ def make_doc(root: Path, **teachers: dict) -> dict:
         "dataset": {"synthetic": {"n_images": 6, "min_size": 64, "max_size": 200}},
         "shards": {"rows_per_shard": 4},
         "paths": {k: str(root / k) for k in ("prepared", "teachers", "students", "metrics", "models")},
-        "teachers": {t: {"input_size": SIZES[t], "batch_size": 2, "num_workers": 0, **teachers.get(t, {})}
+        "teachers": {t: {"input_size": SIZES[t], "batch_size": 2, "num_workers": 0,
+                         **({"backend": "ultralytics"} if t == "yolo" else {}), **teachers.get(t, {})}
                      for t in TEACHERS},
     }
 

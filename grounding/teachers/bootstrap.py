@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_TEACHERS = ("frcnn", "fcos", "yolo")
 _DETECTOR_MODULE = {"frcnn": "grounding.teachers.detectors.torchvision_rcnn",
                     "fcos": "grounding.teachers.detectors.fcos", "yolo": "grounding.teachers.detectors.yolo"}
+_DARKNET_MODULES = ("grounding.teachers.detectors.darknet", "grounding.teachers.detectors.darknet_train",
+                    "grounding.teachers.detectors.darknet_stage")
 
 
 def bootstrap_path(params: Params, teacher: str) -> Path:
@@ -86,13 +88,19 @@ def train_samples(ds: CanonicalDataset, classes: list[str], split: str = "train"
 def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
     """Key of the tiny teacher: everything that shapes the weights file."""
     cfg = getattr(params.teachers, teacher)
-    libs = ("torch", "torchvision", "ultralytics") if teacher == "yolo" else ("torch", "torchvision")
-    arch = ({"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
-            if teacher == "yolo" else {"arch": cfg.arch})
+    darknet = teacher == "yolo" and cfg.backend == "darknet"
+    libs = ("torch", "torchvision", "ultralytics") if teacher == "yolo" and not darknet else ("torch", "torchvision")
+    modules = list(_DARKNET_MODULES) if darknet else [_DETECTOR_MODULE[teacher], "grounding.teachers.detectors.tiny"]
+    if darknet:
+        arch: dict[str, Any] = {"backend": "darknet", "width_multiple": cfg.width_multiple}
+    elif teacher == "yolo":
+        arch = {"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
+    else:
+        arch = {"arch": cfg.arch}
     return digest({
         "teacher": teacher, **arch, "input_size": cfg.input_size, "bootstrap": cfg.bootstrap, "seed": params.seed,
         "dataset": ds.fingerprint(), "libraries": {lib: md.version(lib) for lib in libs},
-        "code": code_version([__name__, _DETECTOR_MODULE[teacher], "grounding.teachers.detectors.tiny"]),
+        "code": code_version([__name__, *modules]),
     })
 
 
@@ -106,7 +114,8 @@ def bootstrap(params: Params, teacher: str) -> Path:
     ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # the key needs only the fingerprint
     key = bootstrap_key(params, teacher, ds)
     train: Callable[[Params, CanonicalDataset, Path, str], dict[str, Any]] = (
-        _train_yolo if teacher == "yolo" else _train_torchvision)
+        (_train_darknet if params.teachers.yolo.backend == "darknet" else _train_yolo) if teacher == "yolo"
+        else _train_torchvision)
     provenance: dict[str, Any] = {"teacher": teacher, "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(),
                                   "seed": params.seed}
 
@@ -258,6 +267,40 @@ def _train_yolo(params: Params, ds: CanonicalDataset, out: Path, teacher: str = 
     return {"config": cfg.config, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple,
             "input_size": boot.input_size or cfg.input_size, "epochs": boot.epochs, "labels": boot.labels,
             "classes": len(classes)}
+
+
+# ---- darknet (SimREC's YOLOv3) --------------------------------------------------------------------------------
+def _train_darknet(params: Params, ds: CanonicalDataset, out: Path, teacher: str = "yolo") -> dict[str, Any]:
+    """Train the width-scaled SimREC YOLOv3 (:mod:`grounding.teachers.detectors.darknet_train`) on SimREC
+    canvases of the train split; writes a plain state dict in the published key layout to ``out`` (the file
+    users' ``yolov3_coco.pth`` is; the class names go in the sidecar's provenance)."""
+    from grounding.teachers.detectors.darknet import DarknetConfig
+    from grounding.teachers.detectors.darknet_stage import normalise, original_to_canvas_xyxy, simrec_letterbox
+    from grounding.teachers.detectors.darknet_train import train_darknet
+
+    cfg = params.teachers.yolo
+    boot = cfg.bootstrap
+    size = boot.input_size or cfg.input_size
+    classes = detector_classes(ds)
+    samples = train_samples(ds, classes)
+    if boot.labels == "colour-shape":
+        classes, samples = colour_shape_samples(ds, samples)
+    if not samples:
+        raise ConfigError(f"bootstrap-yolo: the train split of {ds.name} has no GT boxes to train on")
+    gen = seed_everything(params.seed)
+    index = ds.image_index
+    canvases, targets = [], []
+    for image_id, boxes, labels in samples:
+        canvas, lb = simrec_letterbox(load_rgb(ds.image_root, index[image_id]), size)
+        canvases.append(normalise(canvas[None])[0])
+        targets.append((torch.from_numpy(original_to_canvas_xyxy(boxes, lb)), torch.from_numpy(labels)))
+    net = DarknetConfig(float(cfg.width_multiple), len(classes))
+    model, stats = train_darknet(canvases, targets, net, epochs=boot.epochs, batch_size=boot.batch_size,
+                                 lr=boot.lr, crop=boot.crop or size, gen=gen)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out)
+    return {"backend": "darknet", "width": net.width, "classes": classes, "input_size": size,
+            "crop": boot.crop or size, "epochs": boot.epochs, "labels": boot.labels,
+            "train_images": len(canvases), **stats}
 
 
 # ---- stage run functions ----------------------------------------------------------------------------------

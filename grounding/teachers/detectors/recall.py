@@ -34,9 +34,14 @@ def covered(gt: np.ndarray, candidates: np.ndarray, iou: float = 0.5) -> np.ndar
 
 
 def candidate_boxes(stage: str, row: dict[str, np.ndarray]) -> np.ndarray:
-    """The boxes of a cached row that count as proposals (fcos: only points inside the image)."""
+    """The boxes of a cached row that count as proposals (fcos: only points inside the image; yolo with
+    ``backend: darknet``: the 4 predictions of every kept cell, clipped to the image)."""
     if stage == "fcos-points":
         return row["boxes"][row["inside"].astype(bool)]
+    if "kept_cells" in row:
+        boxes = row["cell_boxes"][row["kept_cells"]].reshape(-1, 4)
+        w, h = (float(v) for v in row["size"])
+        return np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
     return row["boxes"]
 
 

@@ -321,23 +321,48 @@ class TeachersParams(_Section):
 
 
 class RefclipParams(_Section):
-    """RefCLIP (SEEDS 003) trained on the cached ``anchors_from`` shard set. Paper values: 25 epochs,
-    batch 64, Adam 1e-4, N = 2 negative anchors per image, max query length 15 (20 for ReferIt)."""
+    """RefCLIP (SEEDS 003) trained on the cached ``anchors_from`` shard set. The defaults are the public
+    config (kingthreestones/RefCLIP ``config/refcoco.yaml``): 25 epochs, batch 64, Adam (0.9, 0.98) eps 1e-9
+    lr 1e-4 with a 3-epoch linear warm-up from ``warmup_lr`` then cosine to ``min_lr`` per step ('wcosine'),
+    gradient clip 0.15, EMA 0.9997, max 15 tokens, GloVe 300-d frozen, hidden 512, 3 self-attention layers
+    (8 heads, FF 2048), dropout 0.1, a GRU (their ``LANG_ENC: lstm`` is a GRU).
+
+    ``features``: ``multiscale`` (RefCLIP's Net on a darknet cache) or ``p5-cells`` (the earlier projection of
+    the ultralytics cache's stride-32 feature). ``loss``: ``published`` (the public ``getContrast``) or
+    ``eq4`` (Eq. 4 with batch items of the same image excluded from the negatives, ``n_neg``/``temperature``).
+    ``checkpoint``: a trained public RefCLIP checkpoint (``det_best.pth``) used by ``refclip-pseudo``
+    instead of ``refclip-train``'s model; ``vocab_from``: the RefCLIP annotation JSON it was trained with
+    (its vocabulary is rebuilt from it)."""
 
     anchors_from: str = "yolo-anchors"
+    features: Literal["p5-cells", "multiscale"] = "multiscale"
+    loss: Literal["published", "eq4"] = "published"
     epochs: int = Field(25, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-4, gt=0)
-    n_neg: int = Field(2, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-9, gt=0)
+    scheduler: Literal["wcosine", "constant"] = "wcosine"
+    warmup_epochs: float = Field(3, ge=0)
+    warmup_lr: float = Field(1e-7, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    grad_clip: float = Field(0.15, ge=0)  # 0: no clipping
+    ema_decay: float = Field(0.9997, ge=0, lt=1)  # 0: no EMA; the saved model is the EMA one
+    n_neg: int = Field(2, ge=1)  # eq4 only
+    temperature: float = Field(1.0, gt=0)  # eq4 only
     max_len: int = Field(15, ge=1)
     word_dim: int = Field(300, ge=1)
     hidden: int = Field(512, ge=8)
-    n_self_attention: int = Field(1, ge=0)
+    n_self_attention: int = Field(3, ge=0)
     heads: int = Field(8, ge=1)
+    ff_size: int = Field(2048, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
-    visual_mlp: Literal[1, 2] = 1
-    glove: str | None = None  # a local GloVe .txt whose vectors have word_dim values
+    rnn: Literal["gru", "lstm"] = "gru"
+    fusion_hidden: int | None = Field(None, ge=2)  # multiscale: null = the cached C32 (1024 at full width)
+    visual_mlp: Literal[1, 2] = 1  # p5-cells only
+    word_vectors: str | None = None  # a local GloVe .txt or spaCy vectors dir (frozen); null: learned
+    checkpoint: str | None = None  # a public RefCLIP checkpoint for refclip-pseudo (no retraining)
+    vocab_from: str | None = None  # with checkpoint: the RefCLIP annotation JSON its vocabulary came from
     # refclip-export (issue 21; grounding/refclip/export.py): which loader reads the files, whose naming rules
     # (refcoco: COCO_train2014_%012d.jpg, referit: %d.jpg) they follow, and TransVG's dataset name
     # (null: unc/unc+/gref/gref_umd from the source for refcoco, referit for referit)
@@ -345,12 +370,11 @@ class RefclipParams(_Section):
     export_layout: Literal["refcoco", "referit"] = "refcoco"
     transvg_dataset: Literal["unc", "unc+", "gref", "gref_umd", "referit", "flickr"] | None = None
 
-    @field_validator("hidden")
-    @classmethod
-    def _even(cls, v: int) -> int:
-        if v % 2:
-            raise ValueError(f"hidden must be even (bi-GRU halves), got {v}")
-        return v
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "RefclipParams":
+        if self.hidden % self.heads:
+            raise ValueError(f"refclip.hidden ({self.hidden}) must be a multiple of refclip.heads ({self.heads})")
+        return self
 
 
 class TrunkParams(_Section):

@@ -39,3 +39,14 @@ def anchor_contrastive_loss(scores: torch.Tensor, anchor_mask: torch.Tensor, sam
     negatives = top[..., :n_neg].masked_fill(same_image.unsqueeze(-1), neg_inf).flatten(1)  # [M, M*n]
     logits = torch.cat([positive.unsqueeze(1), negatives], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(m, dtype=torch.long, device=scores.device))
+
+
+def published_contrastive_loss(scores: torch.Tensor, anchor_mask: torch.Tensor) -> torch.Tensor:
+    """The public code's ``getContrast`` (kingthreestones/RefCLIP ``models/RefCLIP/head.py``): logits of
+    sentence ``t`` are the best anchor of *every* image of the batch (its own is the target) and the
+    second-best anchor of every other image (negative anchor augmentation), τ = 1. Unlike Eq. 4 as
+    :func:`anchor_contrastive_loss` applies it with ``same_image``, other batch items showing the same
+    image are negatives too. Equal to ``anchor_contrastive_loss(scores, mask, eye, n_neg=2)``."""
+    m = scores.shape[0]
+    eye = torch.eye(m, dtype=torch.bool, device=scores.device)
+    return anchor_contrastive_loss(scores, anchor_mask, eye, n_neg=2, temperature=1.0)

@@ -1,13 +1,18 @@
-"""RefCLIP's anchor-text matching model, trained on cached YOLOv3 stride-32 anchor features.
+"""RefCLIP's anchor-text matching models, trained on a cached frozen detector (never run here).
 
-Language encoder (SEEDS 003): word embeddings → bi-GRU → self-attention layers → attention pooling
-(``AttFlat``-style) → a 512-d sentence feature. Anchor features (the cached neck feature of each kept
-stride-32 cell) and the sentence feature are linearly projected to a joint 512-d space; the score of an
-anchor for a sentence is their dot product (Eq. 3). The detector itself is frozen and never run here.
+Two visual sides (``refclip.features``), one language side (:class:`~grounding.refclip.language.
+LanguageEncoder`, as published):
 
-Departure from the public code: RefCLIP fuses the three YOLO scales with a trainable module before
-selecting anchors; we cache only the stride-32 feature (the 13x13 grid the paper keeps), so the trainable
-visual part is a projection (``visual_mlp`` layers) on that cached feature.
+- ``multiscale`` (:class:`RefCLIPNet`): RefCLIP's ``Net`` as published (kingthreestones/RefCLIP
+  ``models/RefCLIP/net.py``): the trainable :class:`~grounding.refclip.fusion.MultiScaleFusion` over the three
+  cached pre-head maps, the kept cells of the fused stride-32 map (ascending cell index), ``linear_vs``
+  (fused width → hidden) and ``linear_ts`` (hidden → hidden). Module names follow the public state dict
+  (``lang_encoder``, ``multi_scale_manner``, ``linear_vs``, ``linear_ts``).
+- ``p5-cells`` (:class:`RefCLIP`): the earlier model on the ultralytics cache: the cached stride-32 neck
+  feature of each kept cell through a projection ``visual`` (``visual_mlp`` layers), the sentence through
+  ``text``.
+
+The score of an anchor for a sentence is the dot product of the two joint-space vectors (Eq. 3).
 """
 
 from __future__ import annotations
@@ -19,28 +24,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from grounding.refclip.fusion import MultiScaleFusion
+from grounding.refclip.language import LanguageEncoder
+
+FORMAT = "grounding-refclip-v2"
 PAD, UNK = "<pad>", "<unk>"
 _WORD = re.compile(r"[\w']+", re.UNICODE)
 
 
-@dataclass(frozen=True)
-class RefCLIPConfig:
-    """Model sizes. ``feature_dim``: the cached anchor feature width; ``hidden``: language and joint dim."""
-
-    vocab_size: int
-    feature_dim: int
-    word_dim: int = 300
-    hidden: int = 512
-    n_self_attention: int = 1
-    heads: int = 8
-    dropout: float = 0.1
-    visual_mlp: int = 1  # 1: a linear projection; 2: Linear-ReLU-Linear
-    max_len: int = 15
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
+# The earlier word split and sorted vocabulary, kept for grounding.students.nce_distill; RefCLIP itself
+# tokenises as the public code does (grounding.refclip.text).
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens (letters, digits, apostrophes); the rest is dropped."""
     return _WORD.findall(text.lower())
@@ -72,39 +65,64 @@ def encode(texts: Sequence[str], vocab: Sequence[str], max_len: int) -> tuple[to
     return ids, truncated
 
 
-class LanguageEncoder(nn.Module):
-    """Embedding → bi-GRU → self-attention → attention pooling; ``(B, L)`` ids → ``(B, hidden)``."""
+@dataclass(frozen=True)
+class RefCLIPConfig:
+    """Model sizes. ``feature_dim``: the p5-cells cached feature width; ``channels``: (C8, C16, C32) of the
+    multiscale cache; ``fusion_hidden``: the fused width (1024 published); ``hidden``: language/joint dim."""
 
-    def __init__(self, cfg: RefCLIPConfig) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
-        self.gru = nn.GRU(cfg.word_dim, cfg.hidden // 2, batch_first=True, bidirectional=True)
-        self.self_attention = nn.ModuleList(
-            nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, dim_feedforward=2 * cfg.hidden, dropout=cfg.dropout,
-                                       batch_first=True)
-            for _ in range(cfg.n_self_attention)
-        )
-        self.pool_score = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden // 2), nn.ReLU(),
-                                        nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden // 2, 1))
-        self.pool_out = nn.Linear(cfg.hidden, cfg.hidden)
+    vocab_size: int
+    features: str = "multiscale"
+    feature_dim: int = 0
+    channels: tuple[int, int, int] = (256, 512, 1024)
+    fusion_hidden: int = 1024
+    word_dim: int = 300
+    hidden: int = 512
+    n_sa: int = 3
+    heads: int = 8
+    ff_size: int = 2048
+    dropout: float = 0.1
+    rnn: str = "gru"
+    visual_mlp: int = 1  # p5-cells: 1 a linear projection; 2 Linear-ReLU-Linear
+    max_len: int = 15
+    word_vectors: str | None = None  # where the frozen word vectors came from (None: learned embeddings)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pad = ids == 0  # [B,L]
-        x, _ = self.gru(self.embedding(ids))  # [B,L,H]
-        for layer in self.self_attention:
-            x = layer(x, src_key_padding_mask=pad)
-        att = self.pool_score(x).squeeze(-1).masked_fill(pad, float("-inf"))  # [B,L]
-        pooled = (att.softmax(dim=-1).unsqueeze(-1) * x).sum(dim=1)  # [B,H]
-        return self.pool_out(pooled)
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RefCLIPConfig":
+        return cls(**{**d, "channels": tuple(d.get("channels", (256, 512, 1024)))})
 
 
-class RefCLIP(nn.Module):
-    """Scores ``(B_text, B_img, K)`` of every kept anchor of every image for every sentence."""
+def _language(cfg: RefCLIPConfig) -> LanguageEncoder:
+    return LanguageEncoder(cfg.vocab_size, cfg.word_dim, cfg.hidden, cfg.n_sa, cfg.heads, cfg.ff_size,
+                           cfg.dropout, cfg.rnn)
+
+
+class _Scorer(nn.Module):
+    cfg: RefCLIPConfig
+    lang_encoder: LanguageEncoder
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def scores(self, visual: Any, ids: torch.Tensor) -> torch.Tensor:
+        """All-pairs scores ``[t, i, k] = <anchor k of image i, sentence t>`` (Eq. 3)."""
+        return torch.einsum("ikh,th->tik", self.embed_anchors(visual), self.embed_text(ids))
+
+    def embed_anchors(self, visual: Any) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class RefCLIP(_Scorer):
+    """``p5-cells``: cached kept-cell features ``(B, K, feature_dim)`` → ``(B, K, hidden)``."""
 
     def __init__(self, cfg: RefCLIPConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.language = LanguageEncoder(cfg)
+        self.lang_encoder = _language(cfg)
         if cfg.visual_mlp == 1:
             self.visual = nn.Linear(cfg.feature_dim, cfg.hidden)
         else:
@@ -113,30 +131,62 @@ class RefCLIP(nn.Module):
         self.text = nn.Linear(cfg.hidden, cfg.hidden)
 
     def embed_anchors(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, K, feature_dim)`` cached anchor features → ``(B, K, hidden)`` joint-space vectors."""
         return self.visual(features.float())
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` token ids → ``(B, hidden)`` joint-space vectors."""
-        return self.text(self.language(ids))
+        return self.text(self.lang_encoder(ids))
 
     def forward(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """All-pairs scores ``[t, i, k] = <anchor k of image i, sentence t>`` (Eq. 3)."""
-        a = self.embed_anchors(features)  # [B,K,H]
-        t = self.embed_text(ids)  # [T,H]
-        return torch.einsum("ikh,th->tik", a, t)
+        return self.scores(features, ids)
 
 
-def checkpoint(model: RefCLIP, vocab: Sequence[str]) -> dict[str, Any]:
-    """A plain dict (tensors, strings, numbers) that ``torch.load(weights_only=True)`` accepts."""
-    return {"format": "grounding-refclip-v1", "config": model.cfg.to_dict(), "vocab": list(vocab),
+class RefCLIPNet(_Scorer):
+    """``multiscale``: ``(s8, s16, s32, kept)`` — the three cached maps (float) and the kept cell indices
+    ``(B, K)`` long (row-major, ascending) — → ``(B, K, hidden)`` joint-space vectors of the kept cells."""
+
+    def __init__(self, cfg: RefCLIPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lang_encoder = _language(cfg)
+        self.linear_vs = nn.Linear(cfg.fusion_hidden, cfg.hidden)
+        self.linear_ts = nn.Linear(cfg.hidden, cfg.hidden)
+        self.multi_scale_manner = MultiScaleFusion(cfg.channels, cfg.fusion_hidden)
+
+    def embed_anchors(self, visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s8, s16, s32, kept = visual
+        fused = self.multi_scale_manner(s8.float(), s16.float(), s32.float())  # [B,h,G,G]
+        flat = fused.flatten(2).transpose(1, 2)  # [B,G*G,h], cells row-major (y, x)
+        cells = flat.gather(1, kept.long().unsqueeze(-1).expand(-1, -1, flat.shape[-1]))  # [B,K,h]
+        return self.linear_vs(cells)
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear_ts(self.lang_encoder(ids))
+
+    def forward(self, visual: tuple[torch.Tensor, ...], ids: torch.Tensor) -> torch.Tensor:
+        return self.scores(visual, ids)
+
+
+def build_model(cfg: RefCLIPConfig) -> RefCLIP | RefCLIPNet:
+    """The model ``cfg.features`` names."""
+    if cfg.features == "multiscale":
+        return RefCLIPNet(cfg)
+    if cfg.features == "p5-cells":
+        return RefCLIP(cfg)
+    raise ValueError(f"refclip.features must be p5-cells or multiscale, got {cfg.features!r}")
+
+
+def checkpoint(model: RefCLIP | RefCLIPNet, vocab: Sequence[str]) -> dict[str, Any]:
+    """A plain dict (tensors, strings, numbers) that ``torch.load(weights_only=True)`` accepts; the config
+    records whether the embeddings are frozen word vectors (``word_vectors``: their source) or learned."""
+    return {"format": FORMAT, "config": model.cfg.to_dict(), "vocab": list(vocab),
             "state_dict": model.state_dict()}
 
 
-def from_checkpoint(ckpt: dict[str, Any]) -> tuple[RefCLIP, list[str]]:
+def from_checkpoint(ckpt: dict[str, Any]) -> tuple[RefCLIP | RefCLIPNet, list[str]]:
     """Rebuild the model and its vocabulary from :func:`checkpoint`'s dict."""
-    if ckpt.get("format") != "grounding-refclip-v1":
-        raise ValueError(f"not a grounding RefCLIP checkpoint (format {ckpt.get('format')!r})")
-    model = RefCLIP(RefCLIPConfig(**ckpt["config"]))
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} RefCLIP checkpoint (format {ckpt.get('format')!r}); retrain it with "
+                         "refclip-train, or give a public RefCLIP checkpoint as refclip.checkpoint")
+    model = build_model(RefCLIPConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), list(ckpt["vocab"])

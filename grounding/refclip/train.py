@@ -1,85 +1,36 @@
-"""Train RefCLIP entirely from the cached anchor shard set: no detector forward during training."""
+"""Train RefCLIP entirely from the cached anchor shard set: no detector forward during training.
+
+Departures from the public code, all forced by training on a cache: the detector's maps are those of the
+frozen detector in eval mode (the public ``net.train()`` also puts the frozen detector's BatchNorm in
+training mode, so its features and saved running statistics drift during training); an epoch is one pass
+over the *sentences* (the public loader draws one sentence per annotated object per epoch); anchors whose
+boxes are degenerate are masked (issue 21)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from grounding.artefacts import build_once
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset
-from grounding.refclip.loss import anchor_contrastive_loss
-from grounding.refclip.model import RefCLIP, RefCLIPConfig, build_vocab, checkpoint, encode
+from grounding.refclip.anchors import MAP_FIELDS, AnchorTable, load_anchor_table
+from grounding.refclip.loss import anchor_contrastive_loss, published_contrastive_loss
+from grounding.refclip.model import RefCLIP, RefCLIPConfig, RefCLIPNet, build_model, checkpoint
+from grounding.refclip.recipe import make_ema, make_optimizer
+from grounding.refclip.text import build_vocab, encode, load_word_vectors
 from grounding.runtime import resolve_device, seed_everything
 from grounding.shards import ShardSet, code_version, stage_key
+from grounding.shards.keys import file_sha256
 
 log = logging.getLogger(__name__)
-TRAIN_MODULES = ("grounding.refclip.model", "grounding.refclip.loss", "grounding.refclip.train")
-
-
-@dataclass
-class AnchorTable:
-    """Kept anchors of every image, padded to ``K`` = the largest count: features ``(N, K, D)`` float32,
-    ``mask`` ``(N, K)`` bool, ``boxes`` ``(N, K, 4)`` float32 xyxy original pixels, ``cells`` ``(N, K)``
-    int32 grid index, ``confidence`` ``(N, K)`` float32."""
-
-    image_ids: list[str]
-    features: torch.Tensor
-    mask: torch.Tensor
-    boxes: np.ndarray
-    cells: np.ndarray
-    confidence: np.ndarray
-
-    @property
-    def row(self) -> dict[str, int]:
-        return {k: i for i, k in enumerate(self.image_ids)}
-
-
-def load_anchor_table(anchors: ShardSet, image_ids: Sequence[str]) -> AnchorTable:
-    """Read the kept anchors of ``image_ids`` from a ``yolo-anchors`` shard set into padded arrays."""
-    rows = [anchors.get(i, ["features", "boxes", "scores", "cell_index"]) for i in image_ids]
-    k = max((len(r["boxes"]) for r in rows), default=0)
-    if k == 0:
-        raise ValueError(f"{anchors.path}: no kept anchors at all")
-    d = anchors.fields["features"].shape[0]
-    n = len(rows)
-    feats = np.zeros((n, k, d), np.float32)
-    mask = np.zeros((n, k), bool)
-    boxes = np.zeros((n, k, 4), np.float32)
-    cells = np.full((n, k), -1, np.int32)
-    conf = np.zeros((n, k), np.float32)
-    for i, r in enumerate(rows):
-        m = len(r["boxes"])
-        feats[i, :m], mask[i, :m], boxes[i, :m] = r["features"], True, r["boxes"]
-        cells[i, :m], conf[i, :m] = r["cell_index"], r["scores"]
-    return AnchorTable(list(image_ids), torch.from_numpy(feats), torch.from_numpy(mask), boxes, cells, conf)
-
-
-def load_glove(path: str | Path, vocab: Sequence[str], dim: int) -> torch.Tensor:
-    """Embedding matrix ``(len(vocab), dim)`` from a local GloVe text file (``word v1 ... vdim`` per line);
-    words missing from the file keep a small deterministic random vector."""
-    g = torch.Generator().manual_seed(0)
-    out = torch.randn(len(vocab), dim, generator=g) * 0.1
-    out[0] = 0
-    index = {w: i for i, w in enumerate(vocab)}
-    found = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            word, _, rest = line.rstrip("\n").partition(" ")
-            if word in index:
-                vals = rest.split()
-                if len(vals) != dim:
-                    raise ValueError(f"{path}:{line_no}: vector of {len(vals)} values, word_dim is {dim}")
-                out[index[word]] = torch.tensor([float(v) for v in vals])
-                found += 1
-    log.info("GloVe: %d of %d vocabulary words found in %s", found, len(vocab), path)
-    return out
+TRAIN_MODULES = ("grounding.refclip.model", "grounding.refclip.loss", "grounding.refclip.train",
+                 "grounding.refclip.anchors", "grounding.refclip.text", "grounding.refclip.language",
+                 "grounding.refclip.fusion", "grounding.refclip.recipe")
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -89,26 +40,47 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     return [b for b in out if len(b) >= 2]
 
 
+def model_config(table: AnchorTable, anchors: ShardSet | None, vocab: Sequence[str], rp: Any) -> RefCLIPConfig:
+    """The model sizes for ``table``'s cache layout and ``rp`` (params.yaml ``refclip``)."""
+    common = dict(vocab_size=len(vocab), features=table.kind, word_dim=rp.word_dim, hidden=rp.hidden,
+                  n_sa=rp.n_self_attention, heads=rp.heads, ff_size=rp.ff_size, dropout=rp.dropout, rnn=rp.rnn,
+                  max_len=rp.max_len, word_vectors=str(rp.word_vectors) if rp.word_vectors else None)
+    if table.kind == "p5-cells":
+        return RefCLIPConfig(feature_dim=int(table.features.shape[-1]), visual_mlp=rp.visual_mlp, **common)
+    src = anchors if anchors is not None else table.source
+    channels = tuple(int(src.fields[f].shape[0]) for f in MAP_FIELDS)
+    return RefCLIPConfig(channels=channels, fusion_hidden=rp.fusion_hidden or channels[2], **common)
+
+
+def _loss(scores: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, rp: Any) -> torch.Tensor:
+    if rp.loss == "published":
+        return published_contrastive_loss(scores, mask)
+    return anchor_contrastive_loss(scores, mask, same, rp.n_neg, rp.temperature)
+
+
 def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence[int], rp: Any, *, seed: int,
-                  device: torch.device, progress: bool = True) -> tuple[RefCLIP, list[str], list[dict[str, float]]]:
-    """Train on sentences ``texts`` whose images are ``table`` rows ``image_rows``; returns the model (eval
-    mode, on CPU), its vocabulary and the per-epoch curve ``[{"epoch", "loss", "pick_stability"}]``.
+                  device: torch.device, progress: bool = True, vocab: Sequence[str] | None = None,
+                  ) -> tuple[RefCLIP | RefCLIPNet, list[str], list[dict[str, float]]]:
+    """Train on sentences ``texts`` whose images are ``table`` rows ``image_rows`` with the public recipe
+    (:mod:`grounding.refclip.recipe`); returns the model (the EMA one when ``ema_decay`` > 0; eval mode, on
+    CPU), its vocabulary (``vocab`` or built from ``texts``) and the per-epoch curve
+    ``[{"epoch", "loss", "lr", "pick_stability"}]``.
 
     ``pick_stability`` is the fraction of training sentences whose best anchor is the one picked after the
     previous epoch — a label-free convergence signal (GT boxes are never read in training)."""
     gen = seed_everything(seed)
-    vocab = build_vocab(texts)
-    cfg = RefCLIPConfig(vocab_size=len(vocab), feature_dim=table.features.shape[-1], word_dim=rp.word_dim,
-                        hidden=rp.hidden, n_self_attention=rp.n_self_attention, heads=rp.heads, dropout=rp.dropout,
-                        visual_mlp=rp.visual_mlp, max_len=rp.max_len)
-    model = RefCLIP(cfg)
-    if rp.glove:
-        model.language.embedding.weight.data.copy_(load_glove(rp.glove, vocab, rp.word_dim))
+    vocab = list(vocab) if vocab is not None else build_vocab(texts)
+    model = build_model(model_config(table, None, vocab, rp))
+    if rp.word_vectors:
+        model.lang_encoder.set_word_vectors(load_word_vectors(rp.word_vectors, vocab, rp.word_dim))
     model.to(device).train()
     ids, _ = encode(texts, vocab, rp.max_len)
     rows = torch.as_tensor(list(image_rows), dtype=torch.long)
-    feats, mask = table.features.to(device), table.mask.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=rp.lr)
+    mask = table.mask.to(device)
+    table.preload()
+    steps = len(batches(len(texts), rp.batch_size, torch.Generator().manual_seed(0)))
+    opt, sched = make_optimizer(model, rp, steps)
+    ema = make_ema(model, rp.ema_decay)
     curve: list[dict[str, float]] = []
     prev_pick: torch.Tensor | None = None
     epochs = range(rp.epochs)
@@ -120,28 +92,37 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
         total, count = 0.0, 0
         for b in batches(len(texts), rp.batch_size, gen):
             r = rows[b]
-            scores = model(feats[r], ids[b].to(device))  # [M,M,K]
-            loss = anchor_contrastive_loss(scores, mask[r], r[:, None] == r[None, :], rp.n_neg, rp.temperature)
+            scores = model(table.visual(r, device), ids[b].to(device))  # [M,M,K]
+            loss = _loss(scores, mask[r], r[:, None] == r[None, :], rp)
             opt.zero_grad()
             loss.backward()
+            if rp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), rp.grad_clip)
             opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += loss.item() * len(b)
             count += len(b)
-        pick = best_anchor(model, table, texts, rows.tolist(), vocab, device)[0]
+        evaluated = ema.module if ema is not None else model
+        pick = best_anchor(evaluated, table, texts, rows.tolist(), vocab, device)[0]
         stable = float((pick == prev_pick).float().mean()) if prev_pick is not None else 0.0
         prev_pick = pick
-        curve.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 6), "pick_stability": round(stable, 4)})
+        curve.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 6),
+                      "lr": float(opt.param_groups[0]["lr"]), "pick_stability": round(stable, 4)})
         if progress:
             epochs.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-    return model.cpu().eval(), vocab, curve
+    final = ema.module if ema is not None else model
+    return final.cpu().eval(), vocab, curve
 
 
 @torch.no_grad()
-def best_anchor(model: RefCLIP, table: AnchorTable, texts: Sequence[str], image_rows: Sequence[int],
+def best_anchor(model: RefCLIP | RefCLIPNet, table: AnchorTable, texts: Sequence[str], image_rows: Sequence[int],
                 vocab: Sequence[str], device: torch.device | None = None,
-                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each sentence: index of its best kept anchor in its own image, that anchor's score, and whether
-    the sentence was truncated; ``(S,)`` long, ``(S,)`` float32, ``(S,)`` bool."""
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each sentence: index of its best *valid* kept anchor in its own image (degenerate anchors are
+    masked, issue 21), that anchor's score (-inf when the image has none), and whether the sentence was
+    truncated; ``(S,)`` long, ``(S,)`` float32, ``(S,)`` bool."""
     was_training = model.training
     model.eval()
     device = device or torch.device("cpu")
@@ -150,7 +131,7 @@ def best_anchor(model: RefCLIP, table: AnchorTable, texts: Sequence[str], image_
     picks, scores = [], []
     for s in range(0, len(texts), batch_size):
         r = rows[s:s + batch_size]
-        a = model.embed_anchors(table.features[r].to(device))  # [B,K,H]
+        a = model.embed_anchors(table.visual(r, device))  # [B,K,H]
         t = model.embed_text(ids[s:s + batch_size].to(device))  # [B,H]
         sc = torch.einsum("bkh,bh->bk", a, t).masked_fill(~table.mask[r].to(device), float("-inf"))
         v, i = sc.max(dim=1)
@@ -165,6 +146,18 @@ def best_anchor(model: RefCLIP, table: AnchorTable, texts: Sequence[str], image_
 def train_sentences(ds: CanonicalDataset, split: str = "train") -> list[tuple[str, str, str]]:
     """``(ref_id, image_id, text)`` of the training sentences, in ref-id order (GT boxes not read)."""
     return [(r.ref_id, r.image_id, r.text) for r in ds.refs if r.split == split]
+
+
+def _vectors_id(path: str | None) -> str:
+    """Content id of the word vectors (a file's sha256; a directory's files' names and sizes)."""
+    if not path:
+        return ""
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        return str(sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*") if f.is_file()))
+    raise ValueError(f"refclip.word_vectors: {p} does not exist (a GloVe .txt or a spaCy vectors directory)")
 
 
 def model_path(params: Params) -> Path:
@@ -184,18 +177,29 @@ def run_refclip_train(params: Params) -> Path:
     dropped = len(sents) - len(usable)
     key = stage_key("refclip-train", code_version(TRAIN_MODULES), {"anchors": anchors.manifest.teacher},
                     rp.model_dump(mode="json") | {"seed": params.seed},
-                    {"dataset": ds.fingerprint(), "anchors": anchors.manifest.stage_key})
+                    {"dataset": ds.fingerprint(), "anchors": anchors.manifest.stage_key,
+                     "word_vectors": _vectors_id(rp.word_vectors)})
     out = model_path(params)
     curve_path = Path(params.paths.metrics) / "refclip-train-curve.json"
 
+    # the public vocabulary: every sentence of the dataset (all splits), in order (words only, no labels)
+    vocab = build_vocab(r.text for r in ds.refs)
+    counts: dict[str, int] = {}
+
     def build(tmp: Path) -> None:
         images = sorted({s[1] for s in usable})
-        table = load_anchor_table(anchors, images)
+        table = load_anchor_table(anchors, images, rp.features)
         row = table.row
-        model, vocab, curve = train_refclip(table, [s[2] for s in usable], [row[s[1]] for s in usable], rp,
-                                            seed=params.seed, device=resolve_device(params.device),
-                                            progress=params.progress)
-        torch.save(checkpoint(model, vocab), tmp)
+        valid = table.mask.any(dim=1).numpy()
+        train = [s for s in usable if valid[row[s[1]]]]  # an image whose kept anchors are all degenerate
+        counts["no_valid_anchor"] = len(usable) - len(train)
+        if counts["no_valid_anchor"]:
+            log.warning("%d training sentences dropped: every kept anchor of their image is degenerate",
+                        counts["no_valid_anchor"])
+        model, vocab_, curve = train_refclip(table, [s[2] for s in train], [row[s[1]] for s in train], rp,
+                                             seed=params.seed, device=resolve_device(params.device),
+                                             progress=params.progress, vocab=vocab)
+        torch.save(checkpoint(model, vocab_), tmp)
         curve_path.parent.mkdir(parents=True, exist_ok=True)
         curve_path.write_text(json.dumps(curve, indent=1) + "\n")
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,29 +25,42 @@ class StageSummary:
     metric: str
 
 
-def newest_mtime(path: Path) -> float:
-    """Latest modification time (s) of ``path`` or of the files directly in it (a shard set's manifest and
-    shards, a prepared dataset's ``dataset.json``; not a dataset's image tree, nor the writer's lock file,
-    which every run creates and removes); ``-inf`` when absent."""
-    if not path.exists():
-        return -math.inf
+def output_files(path: Path) -> dict[Path, int]:
+    """``{file: mtime_ns}`` of ``path`` or of the files directly in it (a shard set's manifest and shards, a
+    prepared dataset's ``dataset.json``; not a dataset's image tree, nor the writer's lock file, which every
+    run creates and removes); empty when absent."""
     if path.is_file():
-        return path.stat().st_mtime
-    files = [p.stat().st_mtime for p in path.iterdir() if p.is_file() and p.name != LOCK_FILE]
-    return max(files) if files else path.stat().st_mtime  # the writer's lock file is touched by every run
+        return {path: path.stat().st_mtime_ns}
+    if not path.is_dir():
+        return {}
+    return {p: p.stat().st_mtime_ns for p in path.iterdir() if p.is_file() and p.name != LOCK_FILE}
+
+
+def _snapshot(roots: list[Path], depth: int = 4) -> dict[Path, int]:
+    """``{file: mtime_ns}`` of every file at most ``depth`` levels below ``roots`` (the stage outputs)."""
+    found: dict[Path, int] = {}
+    for root in roots:
+        for d in range(1, depth + 1):
+            for p in root.glob("/".join(["*"] * d)):
+                if p.is_file():
+                    found[p] = p.stat().st_mtime_ns
+    return found
 
 
 def timed_run(name: str, params: Params, run: Callable[[str, Params], Path]) -> StageSummary:
     """Run stage ``name`` through ``run(name, params)`` and summarise it. A stage counts as computed when
-    any file under its output (or a metrics file it owns) was written during the call."""
-    metrics = Path(params.paths.metrics)
-    before = {p: p.stat().st_mtime_ns for p in metrics.rglob("*.json")} if metrics.is_dir() else {}
+    a file of its output (or a metrics file it owns) appeared or changed during the call: mtimes compared
+    before and after, never against the wall clock (file times come from a coarser clock)."""
+    paths = params.paths
+    roots = [Path(r) for r in (paths.prepared, paths.teachers, paths.students, paths.models, paths.metrics)]
+    before = _snapshot(roots)
     t0 = time.time()
     out = Path(run(name, params))
     seconds = time.time() - t0
+    metrics = Path(paths.metrics)
     after = {p: p.stat().st_mtime_ns for p in metrics.rglob("*.json")} if metrics.is_dir() else {}
     touched = any(before.get(p) != t for p, t in after.items() if _owned(name, p))
-    computed = touched or newest_mtime(out) >= t0 - 1e-3
+    computed = touched or any(before.get(p) != t for p, t in output_files(out).items())
     rows = None
     if (out / "manifest.json").is_file():
         from grounding.shards import Manifest

@@ -148,9 +148,13 @@ class DirLock:
         self.release()
 
     def __del__(self) -> None:
-        if self.fd is not None:
+        if self.fd is None:
+            return
+        try:
             _HELD.pop(self.fd, None)
             _close_quietly(self.fd)  # released by the OS; the file stays (harmless, replaced by the next)
+        except (AttributeError, TypeError):  # at interpreter exit module globals may already be None
+            pass
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:

@@ -45,8 +45,8 @@ def test_yaml_looking_strings_are_taken_as_strings_or_explained() -> None:
     assert C.load(None, ["dataset.options.n=3", "dataset.options.splits=[val]"]).dataset.options == {
         "n": 3, "splits": ["val"]}
     assert C.load(None, ["dataset.name=123"]).dataset.name == "123"
-    assert C.load(None, ["refclip.glove=null"]).refclip.glove is None
-    assert C.load(None, ["refclip.glove={x}.txt"]).refclip.glove == "{x}.txt"
+    assert C.load(None, ["refclip.word_vectors=null"]).refclip.word_vectors is None
+    assert C.load(None, ["refclip.word_vectors={x}.txt"]).refclip.word_vectors == "{x}.txt"
     hint = r"""quote the strings inside it, e\.g\. teachers\.clip\.prompts='\["a \{\} photo"\]'"""
     with pytest.raises(C.ConfigError, match="is not valid YAML .*" + hint):
         C.load(None, ["teachers.clip.prompts=[a {} photo]"])

@@ -206,7 +206,7 @@ def test_export_cli(trained: config.Params, tmp_path: Path) -> None:
     assert all(isinstance(v, int) for v in rows[0][2])
     assert np.abs(np.array([x, y, x + w, y + h]) - box).max() <= 0.5
     res = CliRunner().invoke(app, ["export", "pseudo", "--format", "coco", "-o", str(tmp_path / "x"), *sets])
-    assert res.exit_code == 1 and "unknown export format" in res.output
+    assert res.exit_code == 2 and "unknown export format" in res.output
 
 
 # ---- RefCLIP as published (multiscale) on a darknet-layout cache (CONTRACT-20), issue 21's degenerate mask ----

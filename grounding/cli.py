@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from grounding import config as C
+from grounding.units import human_bytes
 
 app = typer.Typer(help="Reproducible teacher pipeline for weakly supervised visual grounding.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -214,14 +215,6 @@ def _open(path: str):
         _fail(str(e))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 @shards_app.command("ls")
 def shards_ls(root: str = typer.Argument("data", help="directory searched for shard sets")) -> None:
     """Table of the shard sets under ROOT: stage, level, rows, size, key, teacher."""
@@ -240,7 +233,7 @@ def shards_ls(root: str = typer.Argument("data", help="directory searched for sh
         found += 1
         teacher = m.teacher.get("name") or m.teacher.get("model") or m.teacher.get("library") or "-"
         t.add_row(str(mpath.parent), m.stage, m.level, f"{m.n_rows:,}", str(len(m.shards)),
-                  _human(sum(s.size for s in m.shards)), m.stage_key[:12], str(teacher), str(len(m.errors)))
+                  human_bytes(sum(s.size for s in m.shards)), m.stage_key[:12], str(teacher), str(len(m.errors)))
     console.print(t if found or t.row_count else f"no shard sets under {root}")
 
 
@@ -264,7 +257,7 @@ def shards_info(path: str) -> None:
     st = Table("shard", "rows", "items", "first key", "last key", "size", "sha256")
     for sh in m.shards:
         st.add_row(sh.file, str(sh.rows), f"{sh.item_start}+{sh.item_count}", str(sh.first_key), str(sh.last_key),
-                   _human(sh.size), sh.sha256[:12])
+                   human_bytes(sh.size), sh.sha256[:12])
     console.print(st)
     if m.errors:
         et = Table("item", "reason", title=f"{len(m.errors)} recorded errors")

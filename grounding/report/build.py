@@ -18,6 +18,7 @@ import numpy as np
 from grounding.report import html as H
 from grounding.report.collect import (MetricsFile, SetInfo, curve_series, find_metrics, find_sets, row_quality,
                                       scalar_items, score_values)
+from grounding.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ class ReportResult:
     sets: int
     rendered: int
     seconds: float
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _slug(path: Path, roots: list[Path]) -> str:
@@ -85,7 +78,7 @@ def build_report(roots: Iterable[str | os.PathLike[str]], out: str | os.PathLike
         m = info.manifest
         rows.append((H.link(f"sets/{slug}/index.html", info.title), H.escape(str(info.path)),
                      H.escape(m.level if m else "-"), f"{m.n_rows:,}" if m else "-",
-                     str(len(m.shards)) if m else "-", _human(info.size),
+                     str(len(m.shards)) if m else "-", human_bytes(info.size),
                      H.status(info.verified) if m else f'<span class="bad">unreadable</span> {H.escape(info.error)}',
                      str(len(m.errors)) if m else "-"))
     body = [f"<p>{len(sets)} shard sets under {H.escape(', '.join(map(str, roots)))}. "
@@ -110,7 +103,7 @@ def _set_pages(info: SetInfo, d: Path, per_page: int, max_pages: int) -> int:
     if m is None:
         (d / "index.html").write_text(H.page(info.title, H.pre(info.error), css, crumbs))
         return 0
-    body = [f"<p>{m.n_rows:,} {H.escape(m.level)}-level rows in {len(m.shards)} shards, {_human(info.size)}, "
+    body = [f"<p>{m.n_rows:,} {H.escape(m.level)}-level rows in {len(m.shards)} shards, {human_bytes(info.size)}, "
             f"at <code>{H.escape(str(info.path))}</code>. Verification: {H.status(info.verified)}</p>",
             "<h2>Provenance</h2>", H.kv_table(_provenance(m))]
     rendered = 0

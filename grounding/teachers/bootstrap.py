@@ -32,7 +32,7 @@ from grounding.data.gt import gt_regions
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
 from grounding.progress import progress_bar
-from grounding.runtime import seed_everything
+from grounding.runtime import optimizer_step, seed_everything
 from grounding.shards.keys import code_version, digest
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
     return digest({
         "teacher": teacher, **arch, "input_size": cfg.input_size, "bootstrap": cfg.bootstrap, "seed": params.seed,
         "dataset": ds.fingerprint(), "libraries": {lib: md.version(lib) for lib in libs},
-        "code": code_version([__name__, *modules]),
+        "code": code_version([__name__, "grounding.runtime", *modules]),
     })
 
 
@@ -177,12 +177,7 @@ def _train_torchvision(params: Params, ds: CanonicalDataset, out: Path, teacher:
                 imgs.append(img)
                 tgts.append({"boxes": boxes, "labels": labels})
             loss = sum(model(imgs, tgts).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, model, opt, sched, clip=10.0))
             bar.update(len(idx))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from grounding.teachers.detectors.darknet import HEADS, N_PRED, DarknetConfig, DarknetYolo
 from grounding.progress import progress_bar
+from grounding.runtime import optimizer_step
+from grounding.teachers.detectors.darknet import HEADS, N_PRED, DarknetConfig, DarknetYolo
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,7 @@ def train_darknet(canvases: list[torch.Tensor], targets: list[tuple[torch.Tensor
                 imgs.append(img), boxes.append(b), labels.append(lab)
             terms = yolo_loss(model, model(torch.stack(imgs), decode=False), boxes, labels)
             loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, model, opt, sched, clip=10.0))
             bar.update(len(imgs))
             bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
         log.info("bootstrap darknet: epoch %d/%d loss %.2f (%.0f s)", epoch + 1, epochs,

@@ -36,6 +36,16 @@ def spec(rows_per_shard: int, key: str = "test-key") -> ShardSetSpec:
                         params={"n": 1}, inputs={"dataset": "abc"})
 
 
+def write_set(out, n: int = 10, rps: int = 4, key: str = "test-key"):
+    """A committed set of ``n`` rows (keys ``img00000...``, ``rps`` rows a shard) at ``out``; its manifest."""
+    keys = [f"img{i:05d}" for i in range(n)]
+    with ShardWriter(out, spec(rps, key), keys, progress=False) as w:
+        for k in w.todo():
+            w.add(k, row(int(k[3:])))
+    assert w.manifest is not None
+    return w.manifest
+
+
 def main() -> None:
     out, n, rps, sleep_s, count_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
     key = sys.argv[6] if len(sys.argv) > 6 else "test-key"

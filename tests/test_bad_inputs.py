@@ -40,7 +40,7 @@ except ImportError:  # tests/ imported as a package
     from tests.fixtures import formats as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _writer_proc import row, spec  # noqa: E402
+from _writer_proc import row, spec, write_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX = ROOT / "docs" / "bad_inputs.md"
@@ -54,13 +54,6 @@ def by_id(ds: CanonicalDataset) -> dict:
 
 def reasons(ds: CanonicalDataset) -> dict[str, str]:
     return {e["item"]: e["reason"] for e in ds.errors}
-
-
-def write_set(out: Path, n: int = 10, rps: int = 4) -> None:
-    keys = [f"img{i:05d}" for i in range(n)]
-    with ShardWriter(out, spec(rps), keys, progress=False) as w:
-        for k in w.todo():
-            w.add(k, row(int(k[3:])))
 
 
 def digests(d: Path) -> dict[str, str]:

@@ -33,20 +33,11 @@ from grounding.shards.generation import file_generation, generation_of
 from grounding.shards.lock import LOCK_FILE, DirLock, LockHeld
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _writer_proc import row, spec  # noqa: E402
+from _writer_proc import row, spec, write_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).parent / "_writer_proc.py"
 runner = CliRunner()
-
-
-def write_set(out: Path, n: int = 10, rps: int = 4, key: str = "test-key") -> Manifest:
-    keys = [f"img{i:05d}" for i in range(n)]
-    with ShardWriter(out, spec(rps, key), keys, progress=False) as w:
-        for k in w.todo():
-            w.add(k, row(int(k[3:])))
-    assert w.manifest is not None
-    return w.manifest
 
 
 # ---- 1. one writer per directory ------------------------------------------------------------------------------

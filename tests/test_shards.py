@@ -30,18 +30,11 @@ from grounding.shards import (
 from grounding.shards.torch import ShardDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _writer_proc import FIELDS, row, spec  # noqa: E402
+from _writer_proc import FIELDS, row, spec, write_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write(out: Path, n: int = 10, rps: int = 4, key: str = "test-key") -> Manifest:
-    keys = [f"img{i:05d}" for i in range(n)]
-    with ShardWriter(out, spec(rps, key), keys, progress=False) as w:
-        for k in w.todo():
-            w.add(k, row(int(k[3:])))
-    assert w.manifest is not None
-    return w.manifest
 
 
 def file_digests(d: Path) -> dict[str, str]:
@@ -51,7 +44,7 @@ def file_digests(d: Path) -> dict[str, str]:
 
 
 def test_round_trip_fixed_and_ragged(tmp_path: Path) -> None:
-    m = write(tmp_path / "s", n=10, rps=4)
+    m = write_set(tmp_path / "s", n=10, rps=4)
     assert [s.rows for s in m.shards] == [4, 4, 2]
     s = ShardSet(tmp_path / "s")
     assert s.keys == [f"img{i:05d}" for i in range(10)]  # storage order = input order
@@ -70,7 +63,7 @@ def test_round_trip_fixed_and_ragged(tmp_path: Path) -> None:
 
 
 def test_fixed_fields_are_memory_mapped(tmp_path: Path) -> None:
-    write(tmp_path / "s")
+    write_set(tmp_path / "s")
     s = ShardSet(tmp_path / "s")
     s.get("img00001")
     mapped = s._memmap(0, "embedding")
@@ -84,13 +77,13 @@ def test_fixed_fields_are_memory_mapped(tmp_path: Path) -> None:
 
 
 def test_two_runs_give_identical_bytes(tmp_path: Path) -> None:
-    write(tmp_path / "a")
-    write(tmp_path / "b")
+    write_set(tmp_path / "a")
+    write_set(tmp_path / "b")
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
 
 
 def test_complete_set_is_not_rewritten(tmp_path: Path) -> None:
-    write(tmp_path / "s")
+    write_set(tmp_path / "s")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()}
     keys = [f"img{i:05d}" for i in range(10)]
     w = ShardWriter(tmp_path / "s", spec(4), keys, progress=False)
@@ -99,8 +92,8 @@ def test_complete_set_is_not_rewritten(tmp_path: Path) -> None:
 
 
 def test_stale_key_replaces_the_set(tmp_path: Path) -> None:
-    write(tmp_path / "s", key="old")
-    m = write(tmp_path / "s", key="new")
+    write_set(tmp_path / "s", key="old")
+    m = write_set(tmp_path / "s", key="new")
     assert Manifest.load(tmp_path / "s").stage_key == "new" == m.stage_key
     assert verify_shard_set(tmp_path / "s").ok
 
@@ -128,18 +121,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_partial_and_foreign_files_are_discarded_on_resume(tmp_path: Path) -> None:
-    write(tmp_path / "ref")
+    write_set(tmp_path / "ref")
     out = tmp_path / "out"
-    write(out)
+    write_set(out)
     (out / "manifest.json").unlink()
     (out / "shard-00001.h5").write_bytes(b"garbage, as after a crash mid-copy")
     (out / "shard-00002.h5.tmp-123").write_bytes(b"partial")
-    write(out)
+    write_set(out)
     assert file_digests(out) == file_digests(tmp_path / "ref")
 
 
 def test_verify_catches_a_flipped_byte(tmp_path: Path) -> None:
-    write(tmp_path / "s")
+    write_set(tmp_path / "s")
     assert verify_shard_set(tmp_path / "s").ok
     shard = tmp_path / "s" / "shard-00001.h5"
     data = bytearray(shard.read_bytes())
@@ -150,10 +143,10 @@ def test_verify_catches_a_flipped_byte(tmp_path: Path) -> None:
 
 
 def test_verify_catches_missing_shard_and_bad_counts(tmp_path: Path) -> None:
-    write(tmp_path / "s")
+    write_set(tmp_path / "s")
     (tmp_path / "s" / "shard-00002.h5").unlink()
     assert any("missing" in p for p in verify_shard_set(tmp_path / "s").problems)
-    write(tmp_path / "t")
+    write_set(tmp_path / "t")
     doc = json.loads((tmp_path / "t" / "manifest.json").read_text())
     doc["shards"][0]["rows"] = 3
     (tmp_path / "t" / "manifest.json").write_text(json.dumps(doc))
@@ -161,7 +154,7 @@ def test_verify_catches_missing_shard_and_bad_counts(tmp_path: Path) -> None:
 
 
 def test_newer_manifest_version_is_a_clear_error(tmp_path: Path) -> None:
-    write(tmp_path / "s")
+    write_set(tmp_path / "s")
     doc = json.loads((tmp_path / "s" / "manifest.json").read_text())
     doc["format_version"] = 99
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(doc))
@@ -239,7 +232,7 @@ def test_stage_key_is_type_tagged_and_order_free() -> None:
 
 def _write_joined(tmp_path: Path) -> tuple[Path, Path]:
     img_dir, sent_dir = tmp_path / "img", tmp_path / "sent"
-    write(img_dir, n=6, rps=4)
+    write_set(img_dir, n=6, rps=4)
     sp = ShardSetSpec(stage="sent", stage_key="k", level="sentence",
                       fields=(FieldSpec("text_emb", "float16", (8,)),), rows_per_shard=3)
     keys = [f"ref{i}" for i in range(12)]
@@ -276,7 +269,7 @@ def test_torch_dataset_reports_missing_join(tmp_path: Path) -> None:
 
 
 def test_fan_out_parts_then_commit_equals_serial(tmp_path: Path) -> None:
-    write(tmp_path / "serial", n=10, rps=3)
+    write_set(tmp_path / "serial", n=10, rps=3)
     keys = [f"img{i:05d}" for i in range(10)]
     out = tmp_path / "parts"
     for part in ([0, 2], [1, 3]):  # two workers, disjoint shards

@@ -51,7 +51,7 @@ def incremental(stages_: list[str], n_images: int = 200, extra: float = 0.1, row
                 workdir: Path | None = None) -> dict[str, Any]:
     """Measure rows and seconds of the extension and of the full run per stage; returns the figures."""
     from grounding import config as C
-    from grounding import stages
+    from grounding import stage_writer, stages
     from grounding.shards import ShardWriter, verify_shard_set
     from grounding.teachers import clip as T
     from grounding.teachers.clip_bootstrap import state_dict_bytes
@@ -60,7 +60,7 @@ def incremental(stages_: list[str], n_images: int = 200, extra: float = 0.1, row
     n1 = n_images + round(n_images * extra)
     computed: list[str] = []
     compute = [0.0]
-    add, write_stage = ShardWriter.add, stages.write_stage
+    add, write_stage = ShardWriter.add, stage_writer.write_stage
 
     def counting_add(w: ShardWriter, key: str, row: Any) -> None:
         computed.append(key)
@@ -82,7 +82,7 @@ def incremental(stages_: list[str], n_images: int = 200, extra: float = 0.1, row
         return write_stage(*args, rows=timed, **kw)
 
     ShardWriter.add = counting_add  # type: ignore[method-assign]
-    stages.write_stage = timed_write_stage  # stage modules import it at call time
+    stage_writer.write_stage = timed_write_stage  # stage modules import it at call time
     try:
         torch.manual_seed(0)
         weights = work / "clip-random.pt"
@@ -118,7 +118,7 @@ def incremental(stages_: list[str], n_images: int = 200, extra: float = 0.1, row
             }
     finally:
         ShardWriter.add = add  # type: ignore[method-assign]
-        stages.write_stage = write_stage
+        stage_writer.write_stage = write_stage
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     return {"images": n_images, "images_grown": n1, "rows_per_shard": rows_per_shard, "batch_size": batch_size,

@@ -75,20 +75,49 @@ def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding 
     except KeyError as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
     for name in names:
-        out = _run_one(name, p)
-        console.print(f"[green]{name}[/green] → {out}")
+        r = _run_one(name, p)
+        console.print(f"[green]{name}[/green] → {r.path}" + (" [dim](up to date)[/dim]" if r.hit else ""))
 
 
-def _run_one(name: str, p: C.Params) -> Path:
-    """``stages.run``; a known error (grounding.errors) becomes one line and exit code 1 (2: params)."""
+def _run_one(name: str, p: C.Params) -> "stages.StageResult":  # noqa: F821 - imported lazily
+    """``stages.run`` of one stage (its upstream already planned); a known error (grounding.errors) becomes
+    one line and exit code 1 (2: params)."""
     from grounding import errors, stages
 
     try:
-        return stages.run(name, p)
+        return stages.run(name, p, deps=False)
     except errors.KNOWN as e:  # OSError: missing file, disk full, ...
         msg, code = errors.one_line(e, f"stage {name}")
         _fail(msg, code)
         raise  # unreachable: _fail exits
+
+
+@app.command("status")
+def stage_status(names: Optional[List[str]] = typer.Argument(None, help="stages (default: every stage)"),
+                 params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Report each stage as current or stale (and why) without running anything; exit code 1 when any is
+    stale."""
+    from grounding import stages
+
+    p = _params(params, set_)
+    try:
+        wanted = [stages.get(n).name for n in names] if names else list(stages.STAGES)
+    except KeyError as e:
+        _fail(str(e.args[0]) if e.args else str(e), 2)
+    stale = 0
+    for name in wanted:
+        st = stages.status(name, p)
+        stale += not st.current
+        print(f"{name}\t{'current' if st.current else 'stale'}\t{st.reason}")
+    raise typer.Exit(1 if stale else 0)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml() -> None:
+    """Print dvc.yaml as generated from the stage registry (`grounding dvc-yaml > dvc.yaml`)."""
+    from grounding.dvcgen import dvc_yaml as generate
+
+    sys.stdout.write(generate())
 
 
 @app.command("stages")

@@ -1,348 +1,232 @@
-"""The stage registry: name -> inputs, outputs, code modules (hashed into the key) and run function.
+"""The stage registry and the stage engine.
 
-DVC (``stages/*.py``) and Prefect (``pipelines/flow.py``) both call :func:`run`; a stage whose output
-directory already holds a committed shard set with the same key returns at once, so the two share one
-cache. ``run`` returns the output directory.
+Each stage is declared once (:data:`STAGES`): its compute function (``"module:function"``, called as
+``function(params) -> Path``), its data inputs (outputs of upstream stages, as path templates), the
+``params.yaml`` sections it reads, and its outputs. Everything else is derived from that declaration:
+
+- the code part of its key: :func:`grounding.codeset.code_set` of the compute module (every library module
+  it imports, transitively) plus its ``stages/<entry>.py``;
+- its upstream stages (the stages whose outputs are its inputs), hence :func:`plan`;
+- ``dvc.yaml`` (:func:`grounding.dvcgen.dvc_yaml`: deps = that code set + the inputs, params = the sections).
+
+The engine (:func:`run`, :func:`status`) decides currency with one mechanism for every kind of output: the
+stage key (stage, code version, declared params, fingerprints of the inputs) is written with the
+fingerprints of the outputs to one record, ``<first output>.stage.json`` (atomically, after the compute
+returns). A stage is current when its record holds the key of today's code, params and inputs and its
+outputs still have the recorded fingerprints (a shard set: its manifest's key; a file: its sha256). As in
+DVC, a stale upstream does not make a stage stale by itself: its key follows the upstream's *outputs*, so
+an upstream rerun that writes the same bytes leaves it current.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
+import json
 import logging
-import math
-import os
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, NamedTuple
 
-from grounding import __version__
+from grounding.codeset import code_set, files_version
 from grounding.config import Params
-from grounding.data.schema import DATASET_FILE, CanonicalDataset, canonical_json, read_records
-from grounding.shards import FieldSpec, ShardSetSpec, ShardWriter, code_version, stage_key
-from grounding.shards.keys import content_base
+from grounding.shards.keys import digest, file_sha256
+from grounding.shards.manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+RECORD_SUFFIX = ".stage.json"
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output of a stage. ``path`` is a template: ``{prepared}``, ``{teachers}``, ``{students}``,
+    ``{metrics}``, ``{models}`` (the ``paths`` section) and ``{dataset}`` (``dataset.name``). ``kind``:
+    ``outs`` | ``metrics`` | ``plots`` (how dvc.yaml lists it); ``cache``/``persist``/``x``/``y`` as in DVC."""
+
+    path: str
+    kind: str = "outs"
+    cache: bool = True
+    persist: bool = True
+    x: str | None = None
+    y: str | None = None
+    comment: str | None = None
 
 
 @dataclass(frozen=True)
 class StageDef:
-    """A registered stage. ``modules`` are the library modules whose source defines its outputs."""
+    """A registered stage: what it reads (``inputs``: output templates of upstream stages; ``params``:
+    dotted ``params.yaml`` paths, each a section of :class:`~grounding.config.Params` or a leaf), what it
+    writes (``outputs``) and the function computing it. ``fan_out``: writes one shard set through
+    :func:`grounding.stage_writer.write_stage`, so it can run in parts."""
 
     name: str
     description: str
-    modules: tuple[str, ...]
-    run: Callable[[Params], Path]
-    needs: tuple[str, ...] = ()  # upstream stages (run first by `plan`)
-    fan_out: bool = False  # writes one shard set through write_stage, so it can run in parts
+    compute: str
+    inputs: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    outputs: tuple[Out, ...] = ()
+    fan_out: bool = False
+    always: Callable[[Params], bool] | None = field(default=None, compare=False)  # never current (real-data prepare)
+
+    @property
+    def module(self) -> str:
+        return self.compute.split(":")[0]
+
+    @property
+    def entry(self) -> str:
+        """The thin DVC entry point ``stages/<name>.py``."""
+        return f"stages/{self.name.replace('-', '_')}.py"
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Upstream stages: the producers of :attr:`inputs` (in input order, without repeats)."""
+        return tuple(dict.fromkeys(producer(t) for t in self.inputs))
+
+    def code_files(self) -> tuple[str, ...]:
+        """The files whose source is hashed into the key (and listed as dvc.yaml code deps)."""
+        return (*code_set(self.module), self.entry)
+
+    def code_version(self) -> str:
+        return files_version(self.code_files())
 
 
-_PART: ContextVar[tuple[int, int] | None] = ContextVar("grounding_shard_part", default=None)
+class StageResult(NamedTuple):
+    """What :func:`run` returns: the output path, the stage key and whether it was a cache hit."""
+
+    path: Path
+    key: str
+    hit: bool
 
 
-@contextmanager
-def shard_part(part: int, n_parts: int) -> Iterator[None]:
-    """Within this context, shard-set stages write only shards ``i`` with ``i % n_parts == part`` and do
-    not commit (fan-out: run every part, then run the stage once more outside the context to commit;
-    the result is byte-identical to a serial run because shard contents depend only on their items)."""
-    if not 0 <= part < n_parts:
-        raise ValueError(f"part {part} not in [0, {n_parts})")
-    token = _PART.set((part, n_parts))
-    try:
-        yield
-    finally:
-        _PART.reset(token)
+class StageStatus(NamedTuple):
+    """What :func:`status` returns: ``current`` and, when not, why (one line)."""
+
+    name: str
+    current: bool
+    reason: str
+    key: str | None
 
 
-def write_stage(
-    params: Params,
-    *,
-    stage: str,
-    modules: Iterable[str],
-    level: str,
-    fields: tuple[FieldSpec, ...],
-    item_keys: list[str],
-    rows: Callable[[list[str]], Iterable[tuple[str, Mapping[str, Any] | Exception]]],
-    stage_params: Mapping[str, Any],
-    inputs: Mapping[str, str],
-    teacher: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    out_dir: Path | None = None,
-    item_hashes: Mapping[str, str] | Callable[[str], str] | str | None = "auto",
-    item_inputs: tuple[str, ...] = ("dataset",),
-) -> Path:
-    """Key, resume and write one shard set.
-
-    ``rows(todo_keys)`` yields ``(key, row)`` for the keys still missing, in order; yielding an exception
-    instead of a row records that item as failed (``on_error`` decides whether that stops the stage).
-
-    Incremental extension: with per-item content hashes each shard is addressed by (stage, code, teacher,
-    params, the inputs not in ``item_inputs``) + its members' keys and hashes, so when the dataset grows,
-    shards whose items are unchanged are kept (or copied from the same stage's sets of the datasets named
-    in ``shards.reuse_from``) and only the others are computed. ``item_hashes="auto"`` derives them from
-    the prepared dataset when ``inputs["dataset"]`` is its fingerprint and the items are its images or
-    sentences (:func:`dataset_item_hashes`). This is valid only if a row depends on the dataset through its
-    own item alone (anything dataset-wide that shapes rows, e.g. a class list, belongs in ``stage_params``);
-    a stage that breaks this passes ``item_hashes=None``.
-    """
-    out = out_dir or params.teacher_dir(stage)
-    code = code_version([*modules, "grounding.shards.writer"])
-    key = stage_key(stage, code, teacher, stage_params, inputs)
-    hashes = _item_hashes(params, item_hashes, level, item_keys, inputs)
-    base = content_base(stage, code, teacher, stage_params, inputs, item_inputs) if hashes is not None else ""
-    spec = ShardSetSpec(stage=stage, stage_key=key, level=level, fields=fields,
-                        rows_per_shard=params.shards.rows_per_shard, teacher=dict(teacher or {}),
-                        params=dict(stage_params), inputs=dict(inputs), extra=dict(extra or {}),
-                        on_error=params.dataset.on_error, content_base=base)
-    part = _PART.get()
-    shards = None
-    if part is not None:
-        n_shards = math.ceil(len(item_keys) / spec.rows_per_shard)
-        shards = [i for i in range(n_shards) if i % part[1] == part[0]]
-    desc = stage if part is None else f"{stage} [part {part[0] + 1}/{part[1]}]"
-    sources = [out.parent / name for name in params.shards.reuse_from if name != out.name]
-    with ShardWriter(out, spec, item_keys, progress=params.progress, desc=desc, shards=shards,
-                     item_hashes=hashes, reuse_from=sources, wait=params.shards.wait) as w:
-        if w.complete:
-            log.info("%s: up to date at %s (key %s)", stage, out, key[:12])
-            kept = w.manifest.rows_per_shard
-            if kept and kept != spec.rows_per_shard:  # the layout is not part of the key: rows are the same
-                log.warning("%s: %s is up to date and keeps its layout of %d rows per shard; "
-                            "shards.rows_per_shard=%d applies to sets written from now on (delete the directory "
-                            "to re-shard it)", stage, out, kept, spec.rows_per_shard)
-            return out
-        if w.reused:
-            log.info("%s: %d of %d shards reused (%d kept, %d copied), computing %d rows", stage, len(w.reused),
-                     w.n_shards, sum(v == "kept" for v in w.reused.values()),
-                     sum(v == "copied" for v in w.reused.values()), len(w.todo_indices()))
-        todo = list(w.todo())
-        if todo:
-            for k, row in rows(todo):
-                if isinstance(row, Exception):
-                    w.skip(k, f"{type(row).__name__}: {row}")
-                else:
-                    w.add(k, row)
-    return out
+# ---- declarations --------------------------------------------------------------------------------------------
+PREP = "{prepared}/{dataset}"
 
 
-def dataset_item_hashes(images: Iterable[Mapping[str, Any]], refs: Iterable[Mapping[str, Any]], level: str,
-                        item_keys: Sequence[str]) -> list[str] | None:
-    """Content hash of each item from the dataset's records (as stored in ``dataset.json``): for
-    image-level items the image record (incl. the sha256 of the file's bytes) and its sentences; for
-    sentence-level items the sentence record and its image's record. ``refs`` is read once, in stored
-    (``ref_id``) order, and not kept: memory grows with the images, not the sentences. ``None`` when the
-    items are not the dataset's images (or sentences) of that level."""
-    return _hashes_of_items(dict(map(_image_digest, images)), refs, level, item_keys)
+def _t(stage: str) -> str:
+    return f"{{teachers}}/{stage}/{{dataset}}"
 
 
-def _image_digest(image: Mapping[str, Any]) -> tuple[str, str]:
-    """``(image_id, sha256 of the record's canonical JSON)``."""
-    return image["image_id"], hashlib.sha256(canonical_json(image).encode("utf-8")).hexdigest()
+def _boot(teacher: str) -> str:
+    return f"{{models}}/bootstrap/{teacher}/{{dataset}}.pt"
 
 
-def _hashes_of_items(image_digests: Mapping[str, str], refs: Iterable[Mapping[str, Any]], level: str,
-                     item_keys: Sequence[str]) -> list[str] | None:
-    def h(*parts: str) -> str:
-        return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
-
-    if level == "image":
-        if not all(k in image_digests for k in item_keys):
-            return None
-        per_image: dict[str, Any] = {}  # image_id -> running sha256 of its sentences
-        for r in refs:
-            acc = per_image.get(r["image_id"])
-            if acc is None:
-                acc = per_image[r["image_id"]] = hashlib.sha256()
-            acc.update(canonical_json(r).encode("utf-8") + b"\n")
-        empty = hashlib.sha256().hexdigest()
-        return [h("image", image_digests[k], per_image[k].hexdigest() if k in per_image else empty)
-                for k in item_keys]
-    if level != "sentence":
-        return None
-    wanted, found = set(item_keys), {}
-    for r in refs:
-        if r["ref_id"] in wanted:
-            found[r["ref_id"]] = h("sentence", canonical_json(r), image_digests.get(r["image_id"], ""))
-    if len(found) != len(wanted):
-        return None
-    return [found[k] for k in item_keys]
+def _shards(path: str) -> tuple[Out, ...]:
+    return (Out(path),)
 
 
-def _item_hashes(params: Params, how: Mapping[str, str] | Callable[[str], str] | str | None, level: str,
-                 item_keys: list[str], inputs: Mapping[str, str]) -> list[str] | None:
-    """Per-item content hashes for :func:`write_stage` (``None``: shards addressed by the stage key).
-    ``"auto"`` streams the prepared ``dataset.json`` and uses it only when its recorded fingerprint is
-    ``inputs["dataset"]`` (the stage's own load checked that fingerprint against the content)."""
-    if how is None:
-        return None
-    if isinstance(how, str):
-        if how != "auto":
-            raise ValueError(f"item_hashes must be 'auto', None, a mapping or a callable, got {how!r}")
-        if "dataset" not in inputs or level not in ("image", "sentence"):
-            return None
-        try:
-            head, images, refs = read_records(params.prepared_dir() / DATASET_FILE, image_fn=_image_digest)
-            if head.get("fingerprint") != inputs["dataset"]:
-                return None
-            return _hashes_of_items(dict(images), refs, level, item_keys)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
-            log.debug("no item hashes (prepared dataset unreadable: %s)", e)
-            return None
-    if callable(how):
-        return [str(how(k)) for k in item_keys]
-    return [str(how[k]) for k in item_keys]
+def _model(path: str) -> tuple[Out, ...]:
+    """A weights file and the provenance sidecar it is written with (not DVC-cached)."""
+    return (Out(path), Out(path + ".json", cache=False))
 
 
-def dataset_extra(params: Params, ds: CanonicalDataset, out: Path) -> dict[str, Any]:
-    """Provenance every shard set carries about its dataset: name and where it lies (relative to ``out``)."""
-    return {"dataset": ds.name, "dataset_dir": os.path.relpath(params.prepared_dir().resolve(), out.resolve())}
+def _student(stage: str, x: str = "epoch") -> tuple[Out, ...]:
+    return (Out(f"{{students}}/{stage}/{{dataset}}"), Out(f"{{models}}/students/{stage}/{{dataset}}.pt"),
+            Out(f"{{metrics}}/{stage}.json", "metrics", cache=False),
+            Out(f"{{metrics}}/{stage}-curve.json", "plots", cache=False, x=x, y="loss"))
 
 
-# ---- stages --------------------------------------------------------------------------------------------
-def _run_prepare(params: Params) -> Path:
-    from grounding.data.prepare import prepare
+_DET = "grounding.teachers.detectors"
+_BOOT = "grounding.teachers.bootstrap"
+_CLIP = "grounding.teachers.clip"
+_CLIP_PARAMS = ("teachers.clip", "shards", "dataset.on_error")
+_STUDENTS = ("student-rec-pseudo", "student-epmvg", "student-pbrec", "student-nce-distill", "student-bicm")
 
-    prepare(params, refs=False)
-    return params.prepared_dir()
+_DECLARED: tuple[StageDef, ...] = (
+    StageDef("prepare", "canonical dataset from user files or the synthetic generator",
+             "grounding.data.prepare:run_prepare", params=("seed", "dataset"), outputs=_shards(PREP),
+             always=lambda p: p.dataset.format != "synthetic"),
+    StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)", "grounding.data.gt_stage:run_gt_boxes",
+             (PREP,), ("shards",), _shards(_t("gt-boxes")), fan_out=True),
+    StageDef("wordnet-labels", "phrase head noun -> soft label over the detector classes (WordNet 3.0)",
+             "grounding.teachers.wordnet:run_wordnet_labels", (PREP,), ("teachers.wordnet", "shards", "dataset.on_error"),
+             (Out(_t("wordnet-labels")), Out("{metrics}/wordnet-labels/{dataset}.json", "metrics", cache=False, persist=False)),
+             fan_out=True),
+    StageDef("bootstrap-frcnn", "tiny Faster R-CNN trained on the synthetic train split (when no weights)",
+             f"{_BOOT}:run_bootstrap_frcnn", (PREP,), ("seed", "teachers.frcnn"), _model(_boot("frcnn"))),
+    StageDef("frcnn-proposals", "Faster R-CNN top-100 boxes, scores, class probabilities, RoI features",
+             f"{_DET}.torchvision_rcnn:run_frcnn_proposals", (PREP, _boot("frcnn")),
+             ("teachers.frcnn", "shards", "dataset.on_error"), _shards(_t("frcnn-proposals")), fan_out=True),
+    StageDef("bootstrap-fcos", "tiny FCOS trained on the synthetic train split (when no weights)",
+             f"{_BOOT}:run_bootstrap_fcos", (PREP,), ("seed", "teachers.fcos"), _model(_boot("fcos"))),
+    StageDef("fcos-points", "FCOS P5 points: ltrb/xyxy boxes, centerness and class logits",
+             f"{_DET}.fcos:run_fcos_points", (PREP, _boot("fcos")), ("teachers.fcos", "shards", "dataset.on_error"),
+             _shards(_t("fcos-points")), fan_out=True),
+    StageDef("bootstrap-yolo", "width-scaled SimREC YOLOv3 (darknet; or ultralytics') trained on the synthetic "
+             "train split", f"{_BOOT}:run_bootstrap_yolo", (PREP,),
+             ("seed", *(f"teachers.yolo.{k}" for k in ("backend", "weights", "config", "depth_multiple",
+                                                          "width_multiple", "input_size", "bootstrap"))),
+             _model(_boot("yolo"))),
+    StageDef("yolo-anchors", "YOLOv3 (darknet: three pre-head maps, stride-32 boxes/objectness of every cell; "
+             "ultralytics: neck features of the cells); top keep_ratio cells kept",
+             f"{_DET}.yolo:run_yolo_anchors", (PREP, _boot("yolo")), ("teachers.yolo", "shards", "dataset.on_error"),
+             _shards(_t("yolo-anchors")), fan_out=True),
+    StageDef("refclip-train", "RefCLIP anchor-text model trained on the cached YOLOv3 anchors",
+             "grounding.refclip.train:run_refclip_train", (PREP, _t("yolo-anchors")), ("seed", "refclip"),
+             (*_model("{models}/refclip/{dataset}.pt"),
+              Out("{metrics}/refclip-train-curve.json", "plots", cache=False, x="epoch", y="loss"))),
+    StageDef("refclip-pseudo", "RefCLIP pseudo-box per sentence + Acc@0.5 (data/metrics/refclip.json)",
+             "grounding.refclip.pseudo:run_refclip_pseudo", (PREP, _t("yolo-anchors"), "{models}/refclip/{dataset}.pt"),
+             ("refclip.anchors_from", "refclip.checkpoint", "refclip.vocab_from", "shards"),
+             (Out(_t("refclip-pseudo")), Out("{metrics}/refclip.json", "metrics", cache=False))),
+    StageDef("refclip-export", "pseudo-labels as files SimREC, RefCLIP or TransVG loaders read as is",
+             "grounding.refclip.export:run_refclip_export", (PREP, _t("refclip-pseudo")),
+             ("refclip.export_format", "refclip.export_layout", "refclip.transvg_dataset"),
+             (Out(_t("refclip-export"), cache=False, comment="hard links into the prepared images and between equal "
+                  "masks: DVC's cache would replace them with copies"),)),
+    # CLIP teacher (issue 4): bootstrap (only when teachers.clip.pretrained is null), five caches, sanity
+    StageDef("bootstrap-clip", "tiny CLIP trained contrastively on the train split (when no weights)",
+             "grounding.teachers.clip_bootstrap:run_bootstrap_clip", (PREP,), ("seed", "teachers.clip"),
+             _model(_boot("clip"))),
+    StageDef("clip-image", "CLIP embedding per image (L2-normalised, float16)", f"{_CLIP}:run_clip_image",
+             (PREP, _boot("clip")), _CLIP_PARAMS, _shards(_t("clip-image")), fan_out=True),
+    StageDef("clip-text", "CLIP embedding per sentence, token count and truncation flag", f"{_CLIP}:run_clip_text",
+             (PREP, _boot("clip")), _CLIP_PARAMS, _shards(_t("clip-text")), fan_out=True),
+    StageDef("clip-classes", "CLIP embedding per detector class name (mean over prompt templates)",
+             f"{_CLIP}:run_clip_classes", (_boot("clip"), _t("gt-boxes")), ("teachers.clip", "shards"),
+             _shards(_t("clip-classes")), fan_out=True),
+    StageDef("clip-crops", "CLIP embedding per proposal crop (teachers.clip.crops_from boxes)", f"{_CLIP}:run_clip_crops",
+             (PREP, _boot("clip"), _t("frcnn-proposals")), _CLIP_PARAMS, _shards(_t("clip-crops")), fan_out=True),
+    StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t", f"{_CLIP}:run_qam",
+             (PREP, _boot("clip")), _CLIP_PARAMS, _shards(_t("qam")), fan_out=True),
+    StageDef("clip-eval", "CLIP sanity figures on the eval split -> data/metrics/clip.json",
+             "grounding.teachers.clip_eval:run_clip_eval",
+             (PREP, *(_t(s) for s in ("clip-image", "clip-text", "clip-crops", "clip-classes", "qam"))),
+             ("teachers.clip.eval_split",), (Out("{metrics}/clip.json", "metrics", cache=False, persist=False),)),
+    # REC students (issue 9) and weakly supervised grounding students (issue 10): read teacher shard sets only
+    StageDef("student-rec-pseudo", "REC student (TransVG-style) taught by RefCLIP pseudo-boxes, random resize + EMA",
+             "grounding.students.rec:run_student_rec_pseudo", (PREP, _t("refclip-pseudo")),
+             ("seed", "students.rec", "shards"), _student("student-rec-pseudo")),
+    StageDef("student-epmvg", "EpmVG: REC student on GT + distillation from the cached CLIP image/text embeddings",
+             "grounding.students.epmvg:run_student_epmvg", (PREP, _t("clip-image"), _t("clip-text")),
+             ("seed", "students.epmvg", "shards"), _student("student-epmvg")),
+    StageDef("student-pbrec", "PBREC: point head on the REC trunk ranking the cached FCOS P5 points",
+             "grounding.students.pbrec:run_student_pbrec", (PREP, _t("fcos-points")),
+             ("seed", "students.pbrec", "shards"), _student("student-pbrec")),
+    StageDef("student-nce-distill", "NCE+Distill: region-phrase NCE + WordNet/detector soft-target distillation",
+             "grounding.students.nce_distill:run_student_nce_distill",
+             (PREP, _t("frcnn-proposals"), _t("wordnet-labels")), ("seed", "students.nce_distill", "shards"),
+             _student("student-nce-distill", x="step")),
+    StageDef("student-bicm", "BiCM from caches: COM (crop/class-query cosines) + QAM fusion + KAM MLP",
+             "grounding.students.bicm:run_student_bicm",
+             (PREP, *(_t(s) for s in ("frcnn-proposals", "clip-crops", "clip-classes", "clip-image", "clip-text", "qam"))),
+             ("seed", "students.bicm", "shards"), _student("student-bicm")),
+    StageDef("evaluate", "Acc@0.5 table of every student and its baselines (data/metrics/students.*)",
+             "grounding.evaluate:run_evaluate", tuple(f"{{metrics}}/{s}.json" for s in _STUDENTS), (),
+             (Out("{metrics}/students.json", "metrics", cache=False, persist=False),
+              Out("{metrics}/students.md", cache=False, persist=False))),
+)
 
-
-def _run_gt_boxes(params: Params) -> Path:
-    from grounding.data.gt import GT_FIELDS_MEANING, class_list, gt_regions
-
-    ds = CanonicalDataset.load(params.prepared_dir())
-    classes = class_list(ds)
-    out = params.teacher_dir("gt-boxes")
-    regions = dict(gt_regions(ds, classes))
-    fields = (
-        FieldSpec("boxes", "float32", (4,), ragged=True, meaning=GT_FIELDS_MEANING["boxes"]),
-        FieldSpec("labels", "int32", (), ragged=True, meaning=GT_FIELDS_MEANING["labels"]),
-        FieldSpec("size", "int32", (2,), meaning=GT_FIELDS_MEANING["size"]),
-    )
-    return write_stage(
-        params, stage="gt-boxes", modules=["grounding.data.gt", "grounding.stages"], level="image",
-        fields=fields, item_keys=[im.image_id for im in ds.images],
-        rows=lambda todo: ((k, regions[k]) for k in todo), stage_params={"classes": classes},
-        inputs={"dataset": ds.fingerprint()}, teacher={"name": "ground-truth", "package": __version__},
-        extra={**dataset_extra(params, ds, out), "classes": classes}, out_dir=out,
-    )
-
-
-def _lazy(module: str, fn: str) -> Callable[[Params], Path]:
-    """A stage function imported on first call (keeps `import grounding.stages` light)."""
-
-    def run_(params: Params) -> Path:
-        import importlib
-
-        return getattr(importlib.import_module(module), fn)(params)
-
-    run_.__name__ = fn
-    return run_
-
-
-def _detector_stages() -> tuple[StageDef, ...]:
-    """Detector teachers (issue 5): tiny-teacher bootstraps and the three caching stages."""
-
-    call = _lazy
-    boot, det = "grounding.teachers.bootstrap", "grounding.teachers.detectors"
-    mods = (det, "grounding.teachers.detectors.tiny", "grounding.boxes", "grounding.data.images")
-    darknet = (f"{det}.darknet", f"{det}.darknet_stage")
-    return (
-        StageDef("bootstrap-frcnn", "tiny Faster R-CNN trained on the synthetic train split (when no weights)",
-                 (boot, f"{det}.torchvision_rcnn", *mods), call(boot, "run_bootstrap_frcnn"), needs=("prepare",)),
-        StageDef("bootstrap-fcos", "tiny FCOS trained on the synthetic train split (when no weights)",
-                 (boot, f"{det}.fcos", *mods), call(boot, "run_bootstrap_fcos"), needs=("prepare",)),
-        StageDef("bootstrap-yolo", "width-scaled SimREC YOLOv3 (darknet; or ultralytics') trained on the synthetic "
-                 "train split", (boot, f"{det}.yolo", *darknet, f"{det}.darknet_train", *mods), call(boot, "run_bootstrap_yolo"), needs=("prepare",)),
-        StageDef("frcnn-proposals", "Faster R-CNN top-100 boxes, scores, class probabilities, RoI features",
-                 (f"{det}.torchvision_rcnn", *mods), call(f"{det}.torchvision_rcnn", "run_frcnn_proposals"),
-                 needs=("prepare", "bootstrap-frcnn"), fan_out=True),
-        StageDef("fcos-points", "FCOS P5 points: ltrb/xyxy boxes, centerness and class logits",
-                 (f"{det}.fcos", *mods), call(f"{det}.fcos", "run_fcos_points"),
-                 needs=("prepare", "bootstrap-fcos"), fan_out=True),
-        StageDef("yolo-anchors", "YOLOv3 (darknet: three pre-head maps, stride-32 boxes/objectness of every cell; "
-                 "ultralytics: neck features of the cells); top keep_ratio cells kept",
-                 (f"{det}.yolo", *darknet, *mods), call(f"{det}.yolo", "run_yolo_anchors"),
-                 needs=("prepare", "bootstrap-yolo"), fan_out=True),
-    )
-
-
-STAGES: dict[str, StageDef] = {
-    s.name: s
-    for s in (
-        StageDef("prepare", "canonical dataset from user files or the synthetic generator",
-                 ("grounding.data.prepare",), _run_prepare),
-        StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)",
-                 ("grounding.data.gt",), _run_gt_boxes, needs=("prepare",), fan_out=True),
-        StageDef("wordnet-labels", "phrase head noun -> soft label over the detector classes (WordNet 3.0)",
-                 ("grounding.teachers.wordnet", "grounding.teachers.wordnet_db"), _lazy("grounding.teachers.wordnet", "run_wordnet_labels"),
-                 needs=("prepare",), fan_out=True),
-        *_detector_stages(),
-        StageDef("refclip-train", "RefCLIP anchor-text model trained on the cached YOLOv3 anchors",
-                 ("grounding.refclip.train",), _lazy("grounding.refclip.train", "run_refclip_train"),
-                 needs=("yolo-anchors",)),
-        StageDef("refclip-pseudo", "RefCLIP pseudo-box per sentence + Acc@0.5 (data/metrics/refclip.json)",
-                 ("grounding.refclip.pseudo",), _lazy("grounding.refclip.pseudo", "run_refclip_pseudo"),
-                 needs=("refclip-train",)),
-        StageDef("refclip-export", "pseudo-labels as files SimREC, RefCLIP or TransVG loaders read as is",
-                 ("grounding.refclip.export",), _lazy("grounding.refclip.export", "run_refclip_export"),
-                 needs=("refclip-pseudo",)),
-        # CLIP teacher (issue 4): bootstrap (only when teachers.clip.pretrained is null), five caches, sanity
-        StageDef("bootstrap-clip", "tiny CLIP trained contrastively on the train split (when no weights)",
-                 ("grounding.teachers.clip_bootstrap", "grounding.teachers.clip"),
-                 _lazy("grounding.teachers.clip_bootstrap", "run_bootstrap_clip"), needs=("prepare",)),
-        StageDef("clip-image", "CLIP embedding per image (L2-normalised, float16)",
-                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_image"),
-                 needs=("prepare", "bootstrap-clip"), fan_out=True),
-        StageDef("clip-text", "CLIP embedding per sentence, token count and truncation flag",
-                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_text"),
-                 needs=("prepare", "bootstrap-clip"), fan_out=True),
-        StageDef("clip-classes", "CLIP embedding per detector class name (mean over prompt templates)",
-                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_classes"),
-                 needs=("gt-boxes", "bootstrap-clip"), fan_out=True),
-        StageDef("clip-crops", "CLIP embedding per proposal crop (teachers.clip.crops_from boxes)",
-                 ("grounding.teachers.clip",), _lazy("grounding.teachers.clip", "run_clip_crops"),
-                 needs=("frcnn-proposals", "bootstrap-clip"), fan_out=True),
-        StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t",
-                 ("grounding.teachers.clip", "grounding.teachers.qam"), _lazy("grounding.teachers.clip", "run_qam"),
-                 needs=("prepare", "bootstrap-clip"), fan_out=True),
-        StageDef("clip-eval", "CLIP sanity figures on the eval split -> data/metrics/clip.json",
-                 ("grounding.teachers.clip_eval",), _lazy("grounding.teachers.clip_eval", "run_clip_eval"),
-                 needs=("clip-image", "clip-text", "clip-crops", "clip-classes", "qam")),
-        # REC students (issue 9): read teacher shard sets only
-        StageDef("student-rec-pseudo", "REC student (TransVG-style) taught by RefCLIP pseudo-boxes, random resize + EMA",
-                 ("grounding.students.rec", "grounding.students.common"),
-                 _lazy("grounding.students.rec", "run_student_rec_pseudo"), needs=("refclip-pseudo",)),
-        StageDef("student-epmvg", "EpmVG: REC student on GT + distillation from the cached CLIP image/text embeddings",
-                 ("grounding.students.epmvg", "grounding.students.rec", "grounding.students.common"),
-                 _lazy("grounding.students.epmvg", "run_student_epmvg"), needs=("clip-image", "clip-text")),
-        StageDef("student-pbrec", "PBREC: point head on the REC trunk ranking the cached FCOS P5 points",
-                 ("grounding.students.pbrec", "grounding.students.rec", "grounding.students.common"),
-                 _lazy("grounding.students.pbrec", "run_student_pbrec"), needs=("fcos-points",)),
-        # weakly supervised grounding students (issue 10): read teacher shard sets only
-        StageDef("student-nce-distill", "NCE+Distill: region-phrase NCE + WordNet/detector soft-target distillation",
-                 ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.students.common",
-                  "grounding.class_probs"),
-                 _lazy("grounding.students.nce_distill", "run_student_nce_distill"),
-                 needs=("frcnn-proposals", "wordnet-labels")),
-        StageDef("student-bicm", "BiCM from caches: COM (crop/class-query cosines) + QAM fusion + KAM MLP",
-                 ("grounding.students.bicm", "grounding.students.nce_distill", "grounding.students.common",
-                  "grounding.class_probs"),
-                 _lazy("grounding.students.bicm", "run_student_bicm"),
-                 needs=("frcnn-proposals", "clip-crops", "clip-classes", "clip-image", "clip-text", "qam")),
-    )
-}
-
-
-def _register_evaluate() -> None:
-    """``evaluate`` needs every registered ``student-*`` stage (register students above this call)."""
-    students = tuple(sorted(n for n in STAGES if n.startswith("student-")))
-    STAGES["evaluate"] = StageDef("evaluate", "Acc@0.5 table of every student and its baselines (data/metrics/students.*)",
-                                  ("grounding.evaluate",), _lazy("grounding.evaluate", "run_evaluate"),
-                                  needs=students)
-
-
-_register_evaluate()
+STAGES: dict[str, StageDef] = {s.name: s for s in _DECLARED}
 
 #: The main job, in dependency order: what `grounding demo` (and `make demo`) runs.
 PIPELINE: tuple[str, ...] = (
@@ -350,9 +234,18 @@ PIPELINE: tuple[str, ...] = (
     "bootstrap-frcnn", "frcnn-proposals", "bootstrap-fcos", "fcos-points", "bootstrap-yolo", "yolo-anchors",
     "refclip-train", "refclip-pseudo", "refclip-export",
     "bootstrap-clip", "clip-image", "clip-text", "clip-classes", "clip-crops", "qam", "clip-eval",
-    "student-rec-pseudo", "student-epmvg", "student-pbrec", "student-nce-distill", "student-bicm",
+    *_STUDENTS,
     "evaluate",  # keep last: it reads every student's metrics
 )
+
+
+@lru_cache(maxsize=None)
+def producer(template: str) -> str:
+    """The stage declaring output ``template`` (``KeyError`` when none does)."""
+    for s in _DECLARED:
+        if any(o.path == template for o in s.outputs):
+            return s.name
+    raise KeyError(f"no stage declares the output {template!r}")
 
 
 def get(name: str) -> StageDef:
@@ -384,7 +277,139 @@ def plan(targets: Iterable[str]) -> list[str]:
     return order
 
 
-def run(name: str, params: Params) -> Path:
-    """Run (or reuse) stage ``name`` with ``params``; returns its output directory."""
-    return get(name).run(params)
+# ---- the engine ----------------------------------------------------------------------------------------------
+def resolve(template: str, params: Params) -> Path:
+    """An output template as a path under ``params.paths`` for ``params.dataset.name``."""
+    return Path(template.format(dataset=params.dataset.name, **params.paths.model_dump()))
 
+
+def param_value(params: Params, dotted: str) -> Any:
+    """The JSON value of a ``params.yaml`` path (a section or a leaf); ``KeyError`` naming it."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            raise KeyError(f"stage params: {dotted!r} is not a params.yaml path (no {part!r})")
+        node = getattr(node, part)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+def fingerprint(path: Path) -> str | None:
+    """What identifies the content of an output: a shard set's manifest key (only when committed and
+    complete), a prepared dataset's or export's record file sha256, a file's sha256; ``None`` when absent."""
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if manifest.is_file():
+            from grounding.shards import is_complete
+
+            try:
+                key = json.loads(manifest.read_text(encoding="utf-8"))["stage_key"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            return f"shards:{key}" if is_complete(path, key) else None
+        for name in ("dataset.json", "export.json"):
+            if (path / name).is_file():
+                return f"{name}:{file_sha256(path / name)}"
+        return None
+    if path.is_file():
+        return f"sha256:{file_sha256(path)}"
+    return None
+
+
+def record_path(stage: StageDef, params: Params) -> Path:
+    """``<first output>.stage.json``: the engine's record of the stage (key, result path, output fingerprints)."""
+    first = resolve(stage.outputs[0].path, params)
+    return first.with_name(first.name + RECORD_SUFFIX)
+
+
+def read_record(stage: StageDef, params: Params) -> dict[str, Any] | None:
+    path = record_path(stage, params)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _input_path(template: str, params: Params) -> Path:
+    """Where input ``template`` lies: the producer's result path when that is its first output but the
+    producer returned another file (a bootstrap stage given ``weights``), else the template resolved."""
+    up = get(producer(template))
+    if up.outputs[0].path == template:
+        rec = read_record(up, params)
+        if rec and rec.get("path"):
+            return Path(rec["path"])
+    return resolve(template, params)
+
+
+def stage_key(name: str, params: Params) -> tuple[str, dict[str, str | None]]:
+    """The key of stage ``name`` today (code, declared params, input fingerprints) and those fingerprints."""
+    s = get(name)
+    inputs = {t: fingerprint(_input_path(t, params)) for t in s.inputs}
+    key = digest({"stage": s.name, "code": s.code_version(), "params": {p: param_value(params, p) for p in s.params},
+                  "inputs": inputs})
+    return key, inputs
+
+
+def _outputs(s: StageDef, params: Params, result: Path | None) -> dict[str, str | None]:
+    paths = {str(resolve(o.path, params)) for o in s.outputs}
+    if result is not None:
+        paths.add(str(result))
+    return {p: fingerprint(Path(p)) for p in sorted(paths)}
+
+
+def status(name: str, params: Params) -> StageStatus:
+    """Whether stage ``name`` is current, without running anything (see the module docstring)."""
+    s = get(name)
+    key, inputs = stage_key(name, params)
+    missing = [t for t, fp in inputs.items() if fp is None]
+    if missing:
+        return StageStatus(name, False, f"input {resolve(missing[0], params)} is missing (run {producer(missing[0])})", key)
+    if s.always is not None and s.always(params):
+        return StageStatus(name, False, "always rerun (reads user files)", key)
+    rec = read_record(s, params)
+    if rec is None:
+        return StageStatus(name, False, "never run (no record)", key)
+    if rec.get("key") != key:
+        return StageStatus(name, False, "code, params or inputs changed", key)
+    now, then = _outputs(s, params, Path(rec["path"]) if rec.get("path") else None), rec.get("outputs", {})
+    changed = [p for p in sorted({*now, *then}) if now.get(p) != then.get(p)]
+    if changed:
+        return StageStatus(name, False, f"output {changed[0]} changed or missing", key)
+    return StageStatus(name, True, "current", key)
+
+
+def _compute(s: StageDef) -> Callable[[Params], Path]:
+    module, fn = s.compute.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run(name: str, params: Params, *, deps: bool = True) -> StageResult:
+    """Bring stage ``name`` up to date and return ``(path, key, hit)``. ``deps``: first bring its upstream
+    stages up to date (in :func:`plan` order); else they must be current already (DVC orders them)."""
+    if deps:
+        for up in plan([name])[:-1]:
+            run(up, params, deps=False)
+    from grounding.stage_writer import in_part
+
+    s = get(name)
+    st = status(name, params)
+    if not deps and st.reason.startswith("input "):
+        raise FileNotFoundError(f"stage {name}: {st.reason}")
+    if st.current:
+        rec = read_record(s, params) or {}
+        log.info("%s: up to date (key %s)", name, st.key[:12])  # type: ignore[index]
+        return StageResult(Path(rec["path"]), st.key, True)  # type: ignore[arg-type]
+    out = Path(_compute(s)(params))
+    if not in_part():  # a fan-out part writes some shards only; the commit run records the stage
+        _write_record(s, params, st.key, out)  # type: ignore[arg-type]
+    return StageResult(out, st.key, False)  # type: ignore[arg-type]
+
+
+def _write_record(s: StageDef, params: Params, key: str, out: Path) -> None:
+    key_now, _ = stage_key(s.name, params)  # inputs changed while computing: record nothing (stays stale)
+    if key_now != key:
+        log.warning("%s: its inputs changed while it ran; not recorded as current", s.name)
+        return
+    rec = {"stage": s.name, "key": key, "path": str(out), "outputs": _outputs(s, params, out)}
+    path = record_path(s, params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(rec, sort_keys=True, indent=1) + "\n").encode("utf-8"))

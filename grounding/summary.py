@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grounding.config import Params
-from grounding.shards.lock import LOCK_FILE
 
 
 @dataclass(frozen=True)
 class StageSummary:
-    """One stage of a run. ``status``: ``"cache hit"`` (nothing under its output changed) or ``"computed"``."""
+    """One stage of a run. ``status``: ``"cache hit"`` (the engine found it current) or ``"computed"``."""
 
     stage: str
     out: Path
@@ -25,42 +24,14 @@ class StageSummary:
     metric: str
 
 
-def output_files(path: Path) -> dict[Path, int]:
-    """``{file: mtime_ns}`` of ``path`` or of the files directly in it (a shard set's manifest and shards, a
-    prepared dataset's ``dataset.json``; not a dataset's image tree, nor the writer's lock file, which every
-    run creates and removes); empty when absent."""
-    if path.is_file():
-        return {path: path.stat().st_mtime_ns}
-    if not path.is_dir():
-        return {}
-    return {p: p.stat().st_mtime_ns for p in path.iterdir() if p.is_file() and p.name != LOCK_FILE}
-
-
-def _snapshot(roots: list[Path], depth: int = 4) -> dict[Path, int]:
-    """``{file: mtime_ns}`` of every file at most ``depth`` levels below ``roots`` (the stage outputs)."""
-    found: dict[Path, int] = {}
-    for root in roots:
-        for d in range(1, depth + 1):
-            for p in root.glob("/".join(["*"] * d)):
-                if p.is_file():
-                    found[p] = p.stat().st_mtime_ns
-    return found
-
-
-def timed_run(name: str, params: Params, run: Callable[[str, Params], Path]) -> StageSummary:
-    """Run stage ``name`` through ``run(name, params)`` and summarise it. A stage counts as computed when
-    a file of its output (or a metrics file it owns) appeared or changed during the call: mtimes compared
-    before and after, never against the wall clock (file times come from a coarser clock)."""
-    paths = params.paths
-    roots = [Path(r) for r in (paths.prepared, paths.teachers, paths.students, paths.models, paths.metrics)]
-    before = _snapshot(roots)
+def timed_run(name: str, params: Params, run: Callable[[str, Params], Any]) -> StageSummary:
+    """Run stage ``name`` through ``run(name, params)`` (a :class:`grounding.stages.StageResult`) and
+    summarise it; "computed" unless the engine reported a cache hit."""
     t0 = time.time()
-    out = Path(run(name, params))
+    result = run(name, params)
     seconds = time.time() - t0
-    metrics = Path(paths.metrics)
-    after = {p: p.stat().st_mtime_ns for p in metrics.rglob("*.json")} if metrics.is_dir() else {}
-    touched = any(before.get(p) != t for p, t in after.items() if _owned(name, p))
-    computed = touched or any(before.get(p) != t for p, t in output_files(out).items())
+    out = Path(result.path)
+    computed = not result.hit
     rows = None
     if (out / "manifest.json").is_file():
         from grounding.shards import Manifest
@@ -68,12 +39,6 @@ def timed_run(name: str, params: Params, run: Callable[[str, Params], Path]) -> 
         rows = Manifest.load(out).n_rows
     return StageSummary(name, out, rows, round(seconds, 1), "computed" if computed else "cache hit",
                         headline(name, params, out))
-
-
-def _owned(stage: str, path: Path) -> bool:
-    stem = path.stem.removesuffix("-curve")
-    return stem == stage or path.parent.name == stage or (stage, stem) in {
-        ("refclip-pseudo", "refclip"), ("clip-eval", "clip"), ("evaluate", "students"), ("refclip-train", "refclip-train")}
 
 
 def _read(path: Path) -> Any:

@@ -1,9 +1,9 @@
 """Prefect 3 flow ``grounding``: the same stage functions DVC runs, so both share one cache.
 
-No logic lives here. Each task calls :func:`grounding.stages.run`, which returns at once when the output
-directory already holds a committed shard set with the stage key — whether DVC, Prefect or a person made
-it. Prefect's own result cache is off on purpose (``NO_CACHE``): the stage key in the manifest is the one
-cache, so a shard set deleted by hand is recomputed and one made by ``dvc repro`` is reused.
+No logic lives here. Each task calls :func:`grounding.stages.run`, which returns ``(path, key, hit)`` at
+once when the stage's record says its outputs are current for today's key — whether DVC, Prefect or a person
+made them. Prefect's own result cache is off on purpose (``NO_CACHE``): the engine's record is the one cache,
+so an output deleted by hand is recomputed and one made by ``dvc repro`` is reused.
 
 Fan-out: with ``fan_out=N`` each shard-set stage runs as N part tasks on a Dask cluster (a local one, or
 ``dask_address``), each writing a disjoint subset of shards, then one commit task writes the manifest.
@@ -12,18 +12,14 @@ The result is byte-identical to the serial run.
 
 from __future__ import annotations
 
-import logging
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
-
-from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from grounding import config, errors, stages
+from grounding.stage_writer import shard_part
 
 #: Deployment name -> the stages it must bring up to date (their upstream stages are added by `plan`).
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -49,55 +45,22 @@ def stages_for(target: str) -> list[str]:
     return stages.plan(wanted)
 
 
-class _CacheHits(logging.Handler):
-    """Collects the "... up to date ..." lines the stages' key checks log, in this thread only."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-        self.thread = threading.get_ident()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread and "up to date" in (msg := record.getMessage()):
-            self.lines.append(msg)
-
-    def hit(self, out: object) -> bool:
-        """True when a key check said the output ``out`` itself was up to date (not, say, an input)."""
-        return any(str(out) in line for line in self.lines)
-
-
-@contextmanager
-def cache_report() -> Iterator[_CacheHits]:
-    """Within this context, the handler collects the stages' "up to date" lines (see ``hit``)."""
-    logger, handler = logging.getLogger("grounding"), _CacheHits()
-    level = logger.level
-    if not logger.isEnabledFor(logging.INFO):
-        logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 @task(name="stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5], task_run_name="{name}")
 def stage_task(name: str, params_doc: dict[str, Any]) -> str:
-    """Run (or reuse) one stage; returns its output directory and logs "cache hit" when the stage's key
-    check found its output up to date (whoever made it: DVC, Prefect or ``grounding run``)."""
-    with cache_report() as report:
-        out = _run(name, params_doc)
-    if isinstance(out, State):
-        return out
-    get_run_logger().info("%s: %s", name, "cache hit (up to date)" if report.hit(out) else f"ran → {out}")
-    return str(out)
+    """Run (or reuse) one stage; returns its output path and logs "cache hit" when the engine found it
+    current (whoever made it: DVC, Prefect or ``grounding run``)."""
+    r = _run(name, params_doc)
+    if isinstance(r, State):
+        return r
+    get_run_logger().info("%s: %s", name, "cache hit (up to date)" if r.hit else f"ran → {r.path}")
+    return str(r.path)
 
 
-def _run(name: str, params_doc: dict[str, Any]) -> Path | State:
+def _run(name: str, params_doc: dict[str, Any]) -> stages.StageResult | State:
     """``stages.run``; a known error (grounding.errors) is logged as one line and returned as a Failed
     state carrying that line (no traceback: the message names the file or key and the fix)."""
     try:
-        return stages.run(name, config.from_dict(params_doc))
+        return stages.run(name, config.from_dict(params_doc), deps=False)  # the flow runs them in plan order
     except errors.KNOWN as e:
         msg, _ = errors.one_line(e, f"stage {name}")
         get_run_logger().error("%s", msg)
@@ -108,9 +71,9 @@ def _run(name: str, params_doc: dict[str, Any]) -> Path | State:
       task_run_name="{name}[{part}/{n_parts}]")
 def stage_part_task(name: str, params_doc: dict[str, Any], part: int, n_parts: int) -> str:
     """Write the shards ``i % n_parts == part`` of one stage (no manifest)."""
-    with stages.shard_part(part, n_parts):
-        out = _run(name, params_doc)
-    return out if isinstance(out, State) else str(out)
+    with shard_part(part, n_parts):
+        r = _run(name, params_doc)
+    return r if isinstance(r, State) else str(r.path)
 
 
 @flow(name="grounding-fan-out")

@@ -18,14 +18,14 @@ def main(stage: str, argv: list[str] | None = None) -> None:
         return
     from grounding import config, errors, stages
 
-    # the stages' own INFO lines ("<stage>: up to date ...") show in `dvc repro`'s log; other libraries stay quiet
+    # the engine's and the stages' INFO lines ("<stage>: up to date ...") show in `dvc repro`'s log; other libraries stay quiet
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grounding").setLevel(logging.INFO)
     try:
         params = config.load("params.yaml", args)
-        out = stages.run(stage, params)
+        result = stages.run(stage, params, deps=False)  # DVC runs the upstream stages first
     except errors.KNOWN as e:
         msg, code = errors.one_line(e, f"stage {stage}")
         print(f"error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(code) from None
-    print(out)
+    print(result.path)

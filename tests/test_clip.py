@@ -96,7 +96,7 @@ def direct_model(params: C.Params) -> tuple[torch.nn.Module, object, object]:
 # ---- embeddings equal direct calls -------------------------------------------------------------------
 def test_image_and_text_shards_equal_direct_model_calls(world: dict, tmp_path: Path) -> None:
     params = params_of(world["doc"], tmp_path, num_workers=1)  # decode in a worker process
-    out_i, out_t = stages.run("clip-image", params), stages.run("clip-text", params)
+    out_i, out_t = stages.run("clip-image", params).path, stages.run("clip-text", params).path
     ds = CanonicalDataset.load(params.prepared_dir())
     model, tf, tok = direct_model(params)
     with torch.no_grad():
@@ -125,8 +125,8 @@ def test_tokenize_matches_open_clip_and_records_truncation() -> None:
 
 def test_crop_shards_equal_direct_crops(world: dict, tmp_path: Path) -> None:
     params = params_of(world["doc"], tmp_path, max_crops_per_image=2)
-    gt = ShardSet(stages.run("gt-boxes", params))
-    out = stages.run("clip-crops", params)
+    gt = ShardSet(stages.run("gt-boxes", params).path)
+    out = stages.run("clip-crops", params).path
     ds = CanonicalDataset.load(params.prepared_dir())
     model, tf, _ = direct_model(params)
     s = ShardSet(out)
@@ -151,8 +151,8 @@ def test_crop_box_pixels_rounds_outwards_and_stays_inside() -> None:
 def test_class_embeddings_are_prompt_means(world: dict, tmp_path: Path) -> None:
     prompts = ["a photo of a {}", "a drawing of a {}"]
     params = params_of(world["doc"], tmp_path, prompts=prompts)
-    classes = ShardSet(stages.run("gt-boxes", params)).manifest.extra["classes"]
-    s = ShardSet(stages.run("clip-classes", params))
+    classes = ShardSet(stages.run("gt-boxes", params).path).manifest.extra["classes"]
+    s = ShardSet(stages.run("clip-classes", params).path)
     assert s.keys == classes and s.manifest.level == "class"
     model, _, tok = direct_model(params)
     with torch.no_grad():
@@ -170,7 +170,7 @@ def _key(path: Path) -> str:
 def test_rerun_does_nothing_and_keys_follow_inputs(world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = params_of(world["doc"], tmp_path)
     stages.run("gt-boxes", base)
-    outs = {s: stages.run(s, base) for s in ("clip-image", "clip-text", "clip-classes", "clip-crops", "qam")}
+    outs = {s: stages.run(s, base).path for s in ("clip-image", "clip-text", "clip-classes", "clip-crops", "qam")}
     out = outs["clip-image"]
     key = _key(out)
     mtimes = {s: (o / "shard-00000.h5").stat().st_mtime_ns for s, o in outs.items()}
@@ -181,22 +181,22 @@ def test_rerun_does_nothing_and_keys_follow_inputs(world: dict, tmp_path: Path, 
     with monkeypatch.context() as m:
         m.setattr(T, "create_model", no_model)
         for s, o in outs.items():  # same key: no model, no rows, nothing rewritten
-            assert stages.run(s, base) == o and (o / "shard-00000.h5").stat().st_mtime_ns == mtimes[s]
+            assert stages.run(s, base).path == o and (o / "shard-00000.h5").stat().st_mtime_ns == mtimes[s]
 
-    other_weights = stages.run("clip-image", params_of(world["doc"], tmp_path / "w", pretrained=str(world["w1"])))
+    other_weights = stages.run("clip-image", params_of(world["doc"], tmp_path / "w", pretrained=str(world["w1"]))).path
     assert _key(other_weights) != key
     bigger = write_config(tmp_path / "micro-clip-test-b.json",
                           {**MICRO, "vision_cfg": {**MICRO["vision_cfg"], "layers": 3}})
     wb = random_weights(tmp_path / "wb.pt", params_of(world["doc"], model_config=str(bigger), pretrained=None).teachers.clip)
     other_model = stages.run("clip-image", params_of(world["doc"], tmp_path / "m", model_config=str(bigger),
-                                                      pretrained=str(wb)))
+                                                      pretrained=str(wb))).path
     assert _key(other_model) != key
-    other_pre = stages.run("clip-image", params_of(world["doc"], tmp_path / "p", preprocess={"resize_mode": "squash"}))
+    other_pre = stages.run("clip-image", params_of(world["doc"], tmp_path / "p", preprocess={"resize_mode": "squash"})).path
     assert _key(other_pre) != key
 
     p1, p2 = params_of(world["doc"], tmp_path / "c1"), params_of(world["doc"], tmp_path / "c2", prompts=["a {}"])
-    stages.run("gt-boxes", p1), stages.run("gt-boxes", p2)
-    c1, c2 = stages.run("clip-classes", p1), stages.run("clip-classes", p2)
+    stages.run("gt-boxes", p1), stages.run("gt-boxes", p2).path
+    c1, c2 = stages.run("clip-classes", p1).path, stages.run("clip-classes", p2).path
     assert _key(c1) != _key(c2)
 
     d = json.loads(json.dumps(world["doc"]))
@@ -204,7 +204,7 @@ def test_rerun_does_nothing_and_keys_follow_inputs(world: dict, tmp_path: Path, 
     d["paths"] = {k: str(tmp_path / "ds7" / k) for k in d["paths"]}
     p7 = C.from_dict(d)
     stages.run("prepare", p7)
-    assert _key(stages.run("clip-image", p7)) != key
+    assert _key(stages.run("clip-image", p7).path) != key
 
 
 def test_schema_names_and_missing_weights_are_refused(world: dict) -> None:
@@ -237,11 +237,11 @@ def test_undecodable_image_follows_on_error(world: dict, tmp_path: Path) -> None
     with pytest.raises(ItemFailed, match=bad.image_id):
         stages.run("clip-image", params)
     skip = _copy_world(world, tmp_path, on_error="skip")
-    s = ShardSet(stages.run("clip-image", skip))
+    s = ShardSet(stages.run("clip-image", skip).path)
     assert [e["item"] for e in s.manifest.errors] == [bad.image_id]
     assert "ImageError" in s.manifest.errors[0]["reason"] and "cannot decode" in s.manifest.errors[0]["reason"]
     assert bad.image_id not in s and len(s) == len(ds.images) - 1
-    q = ShardSet(stages.run("qam", skip))
+    q = ShardSet(stages.run("qam", skip).path)
     assert sorted(e["item"] for e in q.manifest.errors) == sorted(r.ref_id for r in ds.refs if r.image_id == bad.image_id)
     assert len(q) == len(ds.refs) - len(q.manifest.errors) > 0
 
@@ -253,11 +253,11 @@ def test_empty_and_overlong_sentences_never_break_a_batch(world: dict, tmp_path:
     odd = [RefRecord("zz-empty", im, "", "val", None), RefRecord("zz-long", im, "the red circle " * 40, "val", None)]
     ds = CanonicalDataset(ds.name, ds.image_root, ds.images, ds.refs + odd, ds.source, ds.errors)
     ds.save(params.prepared_dir())
-    s = ShardSet(stages.run("clip-text", params))
+    s = ShardSet(stages.run("clip-text", params).path)
     assert s["zz-empty"]["n_tokens"] == 2 and s["zz-empty"]["truncated"] == 0
     assert s["zz-long"]["truncated"] == 1 and s["zz-long"]["n_tokens"] > 16
     assert np.isclose(np.linalg.norm(s["zz-long"]["embedding"].astype(np.float32)), 1, atol=1e-2)
-    q = ShardSet(stages.run("qam", params))
+    q = ShardSet(stages.run("qam", params).path)
     assert len(q) == len(ds.refs) and np.isfinite(q["zz-empty"]["map"].astype(np.float32)).all()
 
 
@@ -314,7 +314,7 @@ def test_qam_stage_renders_heat_map_and_box(world: dict, tmp_path: Path) -> None
     from grounding.render import render_row
 
     params = params_of(world["doc"], tmp_path)
-    out = stages.run("qam", params)
+    out = stages.run("qam", params).path
     s = ShardSet(out)
     assert s.fields["map"].shape == (4, 4) and s.fields["map"].dtype == "float16"
     key = s.keys[0]
@@ -334,7 +334,7 @@ def test_bootstrap_is_deterministic_and_keyed(world: dict, tmp_path: Path) -> No
         d = json.loads(json.dumps(world["doc"]))
         d["teachers"]["clip"].update(pretrained=None, bootstrap={"steps": 2, "batch_size": 4, **bp})
         d["paths"]["models"] = str(tmp_path / sub)
-        return stages.run("bootstrap-clip", C.from_dict(d))
+        return stages.run("bootstrap-clip", C.from_dict(d)).path
 
     a, b = boot("a"), boot("b")
     assert a == bootstrap_path(C.from_dict({**world["doc"], "paths": {"models": str(tmp_path / "a")}}))

@@ -255,7 +255,7 @@ def test_cached_rows_equal_direct_network_call(world) -> None:
     from grounding import stages
 
     root, params = world
-    shards = ShardSet(stages.run("yolo-anchors", params))
+    shards = ShardSet(stages.run("yolo-anchors", params).path)
     ds = CanonicalDataset.load(params.prepared_dir())
     g, k = 4, keep_count(16, params.teachers.yolo.keep_ratio)
     ex = shards.manifest.extra
@@ -320,12 +320,12 @@ def test_bootstrap_writes_a_public_layout_state_dict_the_stage_loads(tmp_path: P
     p = make_params(tmp_path, yolo={"backend": "darknet", "input_size": 128,
                                     "bootstrap": {"epochs": 1, "batch_size": 4, "input_size": 128, "crop": 64}})
     stages.run("prepare", p)
-    weights = stages.run("bootstrap-yolo", p)
+    weights = stages.run("bootstrap-yolo", p).path
     assert weights == bootstrap_path(p, "yolo")
     sd = torch.load(weights, weights_only=True)
     assert isinstance(sd, dict) and all(k.startswith("module_list.") for k in sd)
     assert infer_config(sd) == DarknetConfig(WIDTH, len(CLASSES))
-    shards = ShardSet(stages.run("yolo-anchors", p))
+    shards = ShardSet(stages.run("yolo-anchors", p).path)
     assert shards.manifest.extra["classes"] == list(CLASSES)
     assert shards.manifest.teacher["weights_sha256"] == build_detector("yolo", p, weights).checkpoint.sha256
 

@@ -104,7 +104,7 @@ def with_teacher(params: C.Params, teacher: str, **changes: object) -> C.Params:
 def run_stage(params: C.Params, teacher: str) -> ShardSet:
     from grounding import stages
 
-    return ShardSet(stages.run(TEACHERS[teacher], params))
+    return ShardSet(stages.run(TEACHERS[teacher], params).path)
 
 
 def direct_canvas(params: C.Params, teacher: str, ds: CanonicalDataset, image_id: str):
@@ -357,13 +357,13 @@ def test_bootstrap_extract_and_recall_end_to_end(tmp_path: Path) -> None:
     p = C.from_dict(doc)
     stages.run("prepare", p)
     for t in TEACHERS:
-        weights = stages.run(f"bootstrap-{t}", p)
+        weights = stages.run(f"bootstrap-{t}", p).path
         assert weights == bootstrap_path(p, t) and read_provenance(weights)["provenance"]["teacher"] == t
         ckpt = load_checkpoint(weights)
         assert ckpt.meta["classes"] == list(CLASSES)
         mtime = weights.stat().st_mtime_ns
-        assert stages.run(f"bootstrap-{t}", p).stat().st_mtime_ns == mtime  # same key: not retrained
-        shards = ShardSet(stages.run(TEACHERS[t], p))
+        assert stages.run(f"bootstrap-{t}", p).path.stat().st_mtime_ns == mtime  # same key: not retrained
+        shards = ShardSet(stages.run(TEACHERS[t], p).path)
         assert shards.manifest.teacher["weights_sha256"] == ckpt.sha256
     table = recall_table(p, split="train")
     assert set(table) == set(TEACHERS.values())

@@ -299,15 +299,15 @@ def test_stage_writes_the_configured_format_only(synthetic: tuple, tmp_path: Pat
     stages.run("prepare", p)
     assert CanonicalDataset.load(p.prepared_dir()).fingerprint() == ds.fingerprint()
     write_pseudo(p.teacher_dir("refclip-pseudo"), pseudo)
-    out = stages.run("refclip-export", p)
+    out = stages.run("refclip-export", p).path
     assert out == p.teacher_dir("refclip-export") / "simrec" and (out / "masks" / "refcoco").is_dir()
     images = json.loads((out / "provenance.json").read_text())["images"]
     assert images["copied"] == images["files"] > 0  # under paths.prepared (a DVC-cached output): copies
     before = (out / "provenance.json").stat().st_mtime_ns
-    assert stages.run("refclip-export", p) == out and (out / "provenance.json").stat().st_mtime_ns == before
+    assert stages.run("refclip-export", p).path == out and (out / "provenance.json").stat().st_mtime_ns == before
     p2 = config.load(None, [*sets, "dataset.synthetic.n_images=12", "dataset.synthetic.seed=3", "progress=false",
                             "refclip.export_format=transvg"])
-    out2 = stages.run("refclip-export", p2)
+    out2 = stages.run("refclip-export", p2).path
     assert (out2 / "data" / "unc" / "unc_train.pth").is_file() and not out.exists()  # no stale export left
     p3 = config.load(None, [*sets, "dataset.synthetic.n_images=12", "dataset.synthetic.seed=3", "progress=false",
                             "refclip.export_format=transvg", "refclip.export_layout=referit"])

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from grounding import config as C
-from grounding import stages
+from grounding import stage_writer, stages
 from grounding.data.schema import CanonicalDataset
 from grounding.shards import Manifest, ShardError, ShardSet, ShardSetSpec, ShardWriter, file_sha256, verify_shard_set
 from grounding.shards.keys import content_base
@@ -205,16 +205,16 @@ def test_item_hashes_follow_item_content(tmp_path: Path) -> None:
     ds = CanonicalDataset.load(p.prepared_dir())
     images, refs = [asdict(i) for i in ds.images], [asdict(r) for r in ds.refs]
     img_keys, ref_keys = [i.image_id for i in ds.images], [r.ref_id for r in ds.refs]
-    h_img = stages.dataset_item_hashes(images, refs, "image", img_keys)
-    h_ref = stages.dataset_item_hashes(images, refs, "sentence", ref_keys)
+    h_img = stage_writer.dataset_item_hashes(images, refs, "image", img_keys)
+    h_ref = stage_writer.dataset_item_hashes(images, refs, "sentence", ref_keys)
     assert h_img is not None and h_ref is not None and len(set(h_img)) == 6 and len(set(h_ref)) == len(refs)
     edited = [asdict(replace(r, text=r.text + " x")) if i == 0 else asdict(r) for i, r in enumerate(ds.refs)]
-    e_img = stages.dataset_item_hashes(images, edited, "image", img_keys)
-    e_ref = stages.dataset_item_hashes(images, edited, "sentence", ref_keys)
+    e_img = stage_writer.dataset_item_hashes(images, edited, "image", img_keys)
+    e_ref = stage_writer.dataset_item_hashes(images, edited, "sentence", ref_keys)
     assert [a != b for a, b in zip(h_img, e_img)] == [k == ds.refs[0].image_id for k in img_keys]
     assert [a != b for a, b in zip(h_ref, e_ref)] == [k == ds.refs[0].ref_id for k in ref_keys]
-    assert stages.dataset_item_hashes(images, refs, "image", ["not-an-image"]) is None
-    assert stages.dataset_item_hashes(images, refs, "region", img_keys) is None
+    assert stage_writer.dataset_item_hashes(images, refs, "image", ["not-an-image"]) is None
+    assert stage_writer.dataset_item_hashes(images, refs, "region", img_keys) is None
 
 
 # ---- the writer ----------------------------------------------------------------------------------------

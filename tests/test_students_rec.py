@@ -168,7 +168,7 @@ def test_ema_warmup_tracks_then_averages() -> None:
 def test_students_end_to_end_contract_and_reproducibility(tiny: config.Params, tmp_path: Path) -> None:
     ds = CanonicalDataset.load(tiny.prepared_dir())
     for stage in ("student-rec-pseudo", "student-epmvg", "student-pbrec"):
-        out = stages.run(stage, tiny)
+        out = stages.run(stage, tiny).path
         m = json.loads((Path(tiny.paths.metrics) / f"{stage}.json").read_text())
         assert set(m) >= {"acc50", "n", "baselines"} and set(m["acc50"]) == set(ds.splits())
         assert all(0 <= v <= 1 for v in m["acc50"].values()) and sum(m["n"].values()) == len(ds.refs)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from grounding import config, stages
+from grounding import config, stage_writer, stages
 from grounding.boxes import box_iou
 from grounding.data.schema import CanonicalDataset
 from grounding.shards import FieldSpec, ShardSet
@@ -95,7 +95,7 @@ def write_teachers(params: config.Params, crops_from: str = "frcnn-proposals") -
 
     def write(stage: str, level: str, fields: tuple[FieldSpec, ...], keys: list[str], row, inputs=None,
               stage_params=None) -> Path:
-        return stages.write_stage(params, stage=stage, modules=["grounding.stages"], level=level, fields=fields,
+        return stage_writer.write_stage(params, stage=stage, code="test", level=level, fields=fields,
                                   item_keys=keys, rows=lambda todo: ((k, row(k)) for k in todo),
                                   stage_params=stage_params or {}, inputs=inputs or {"dataset": fp},
                                   teacher={"name": f"stand-in {stage}"}, extra=extra,
@@ -173,7 +173,7 @@ def _fresh(world: config.Params, root: Path, *extra: str) -> config.Params:
 
 @pytest.fixture(scope="module")
 def ran(world: config.Params) -> dict[str, dict]:
-    return {s: (stages.run(s, world), _metrics(world, s)) for s in ("student-nce-distill", "student-bicm")}
+    return {s: (stages.run(s, world).path, _metrics(world, s)) for s in ("student-nce-distill", "student-bicm")}
 
 
 # ---- NCE+Distill -------------------------------------------------------------------------------------------
@@ -264,10 +264,10 @@ def test_bicm_ablation_rows_measured_and_beat_baselines(ran: dict, world: config
 def test_rerun_is_no_op_and_second_training_identical(ran: dict, world: config.Params, tmp_path: Path) -> None:
     for stage, (out, m) in ran.items():  # same key: nothing retrained or rewritten
         mtime = (out / "shard-00000.h5").stat().st_mtime_ns
-        assert stages.run(stage, world) == out and (out / "shard-00000.h5").stat().st_mtime_ns == mtime
+        assert stages.run(stage, world).path == out and (out / "shard-00000.h5").stat().st_mtime_ns == mtime
     again = _fresh(world, tmp_path)
     for stage, (out, m) in ran.items():
-        out2 = stages.run(stage, again)
+        out2 = stages.run(stage, again).path
         assert _without_speed(_metrics(again, stage)) == _without_speed(m), stage
         assert ShardSet(out2).manifest.stage_key == ShardSet(out).manifest.stage_key
         assert (out2 / "shard-00000.h5").read_bytes() == (out / "shard-00000.h5").read_bytes()

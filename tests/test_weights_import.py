@@ -134,7 +134,7 @@ def test_yolo_anchors_stage_runs_on_the_imported_file(ultralytics_pt, tmp_path: 
     stages.run("prepare", p)
     with pytest.raises(WeightsError, match="grounding weights import"):
         stages.run("yolo-anchors", p)
-    out = ShardSet(stages.run("yolo-anchors", C.from_dict(yolo_doc(tmp_path, dst))))
+    out = ShardSet(stages.run("yolo-anchors", C.from_dict(yolo_doc(tmp_path, dst))).path)
     assert len(out) == 4 and out.manifest.extra["classes"] == CLASSES
     assert out.manifest.teacher["weights_sha256"] == file_sha256(dst)
 

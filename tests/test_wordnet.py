@@ -204,7 +204,7 @@ def test_stage_on_synthetic(tmp_path: Path, wn) -> None:
 
     p = _params(tmp_path)
     stages.run("prepare", p)
-    out = stages.run("wordnet-labels", p)
+    out = stages.run("wordnet-labels", p).path
     s = ShardSet(out, verify=True)
     ds = CanonicalDataset.load(p.prepared_dir())
     m = s.manifest
@@ -229,7 +229,7 @@ def test_stage_on_synthetic(tmp_path: Path, wn) -> None:
     assert rep["argmax_correct"] == rep["labelled"] and rep["argmax_accuracy"] > 0.5
     assert json.loads((tmp_path / "metrics" / "wordnet-labels" / "synthetic.json").read_text()) == rep
     before = (out / "manifest.json").read_bytes()
-    assert stages.run("wordnet-labels", p) == out and (out / "manifest.json").read_bytes() == before
+    assert stages.run("wordnet-labels", p).path == out and (out / "manifest.json").read_bytes() == before
 
 
 def test_stage_key_covers_classes_wordnet_version_and_tagger(tmp_path: Path, monkeypatch, wn) -> None:
@@ -262,7 +262,7 @@ def test_classes_from_a_detector_manifest(tmp_path: Path, wn) -> None:
     classes, inputs = W.class_vocabulary(p)
     assert classes == ["__background__", "circle", "star"] and inputs == {"classes_from": "k" * 64}
     stages.run("prepare", p)
-    s = ShardSet(stages.run("wordnet-labels", p))
+    s = ShardSet(stages.run("wordnet-labels", p).path)
     assert s.fields["label"].shape == (3,) and s.manifest.inputs["classes_from"] == "k" * 64
     assert all(s[k]["label"][0] == 0 for k in s.keys)  # background never gets mass
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from grounding.config import ConfigError, Params
 from grounding.data.schema import DATASET_FILE, CanonicalDataset, DataError, read_source
-from grounding.shards.keys import code_version, digest
+from grounding.codeset import code_version
+from grounding.shards.keys import digest
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def prepare(params: Params, out_dir: str | Path | None = None, *, refs: bool = T
         from grounding.data import synthetic
 
         cfg = synthetic_config(params)
-        key = digest({"config": asdict(cfg), "code": code_version([synthetic.__name__])})
+        key = digest({"config": asdict(cfg), "code": code_version(__name__)})
         existing = _existing_key(out)
         if existing == key:
             log.info("synthetic dataset %s is up to date (key %s)", out, key[:12])
@@ -65,3 +66,9 @@ def _existing_key(out: Path) -> str | None:
         return read_source(path).get("prepare_key")
     except (OSError, DataError):
         return None
+
+
+def run_prepare(params: Params) -> Path:
+    """Stage ``prepare``: the canonical dataset under ``data/prepared/<name>`` (sentences not held)."""
+    prepare(params, refs=False)
+    return params.prepared_dir()

@@ -397,7 +397,8 @@ def _write_masks(rows: list[Row], images: dict[str, ImageRecord], mask_dir: Path
 def run_refclip_export(params: Any) -> Path:
     """Stage ``refclip-export``: the export of ``refclip.export_format`` in ``refclip.export_layout`` under
     ``data/teachers/refclip-export/<dataset>/<format>/``; redone only when the pseudo-labels or options change."""
-    from grounding.shards.keys import code_version, digest
+    from grounding.codeset import code_version
+    from grounding.shards.keys import digest
     from grounding.shards.manifest import atomic_write_bytes
 
     rc = params.refclip
@@ -407,7 +408,7 @@ def run_refclip_export(params: Any) -> Path:
     dest = out / rc.export_format
     key = digest({"pseudo": ShardSet(pseudo_dir).manifest.stage_key, "dataset": ds.fingerprint(),
                   "format": rc.export_format, "layout": rc.export_layout, "transvg_dataset": rc.transvg_dataset,
-                  "code": code_version([__name__])})
+                  "code": code_version(__name__)})
     done = out / "export.json"
     if done.exists():
         record = json.loads(done.read_text())

@@ -115,7 +115,8 @@ def metrics(ref_ids: list[str], fields: dict[str, np.ndarray], ds: CanonicalData
 
 def run_refclip_pseudo(params: Params) -> Path:
     """Stage ``refclip-pseudo``: sentence-level pseudo-box shard set + ``data/metrics/refclip.json``."""
-    from grounding.stages import dataset_extra, write_stage
+    from grounding.codeset import code_version
+    from grounding.stage_writer import dataset_extra, write_stage
 
     loaded = load_model(params)
     used = loaded[2]
@@ -136,9 +137,7 @@ def run_refclip_pseudo(params: Params) -> Path:
                 yield k, LookupError("its image has no cached anchors (failed in the anchor stage)")
 
     path = write_stage(
-        params, stage="refclip-pseudo", modules=["grounding.refclip.pseudo", "grounding.refclip.model",
-                                                 "grounding.refclip.train", "grounding.refclip.anchors",
-                                                 "grounding.refclip.public"],
+        params, stage="refclip-pseudo", code=code_version(__name__),
         level="sentence", fields=PSEUDO_FIELDS, item_keys=all_ids, rows=rows,
         stage_params={"anchors_from": params.refclip.anchors_from, "checkpoint": params.refclip.checkpoint,
                       "vocab_from": params.refclip.vocab_from},

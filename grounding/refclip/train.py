@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from grounding.artefacts import build_once
+from grounding.codeset import code_version
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset
 from grounding.refclip.anchors import MAP_FIELDS, AnchorTable, load_anchor_table
@@ -24,13 +25,10 @@ from grounding.refclip.model import RefCLIP, RefCLIPConfig, RefCLIPNet, build_mo
 from grounding.refclip.recipe import make_ema, make_optimizer
 from grounding.refclip.text import build_vocab, encode, load_word_vectors
 from grounding.runtime import resolve_device, seed_everything
-from grounding.shards import ShardSet, code_version, stage_key
+from grounding.shards import ShardSet, stage_key
 from grounding.shards.keys import file_sha256
 
 log = logging.getLogger(__name__)
-TRAIN_MODULES = ("grounding.refclip.model", "grounding.refclip.loss", "grounding.refclip.train",
-                 "grounding.refclip.anchors", "grounding.refclip.text", "grounding.refclip.language",
-                 "grounding.refclip.fusion", "grounding.refclip.recipe")
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -175,7 +173,7 @@ def run_refclip_train(params: Params) -> Path:
         raise ValueError(f"dataset {ds.name} has no 'train' sentences to train RefCLIP on")
     usable = [s for s in sents if s[1] in anchors]
     dropped = len(sents) - len(usable)
-    key = stage_key("refclip-train", code_version(TRAIN_MODULES), {"anchors": anchors.manifest.teacher},
+    key = stage_key("refclip-train", code_version(__name__), {"anchors": anchors.manifest.teacher},
                     rp.model_dump(mode="json") | {"seed": params.seed},
                     {"dataset": ds.fingerprint(), "anchors": anchors.manifest.stage_key,
                      "word_vectors": _vectors_id(rp.word_vectors)})

@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from grounding.artefacts import build_once
+from grounding.codeset import code_version
 from grounding.boxes import box_iou
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.progress import progress_bar
 from grounding.runtime import seed_everything
-from grounding.shards import ShardSet, code_version, file_sha256, stage_key
+from grounding.shards import ShardSet, file_sha256, stage_key
 from grounding.students.common import (
     acc_per_split,
     curve_path,
@@ -58,7 +59,6 @@ from grounding.students.nce_distill import detector_classes, load_regions, propo
 
 log = logging.getLogger(__name__)
 STAGE = "student-bicm"
-MODULES = ("grounding.students.bicm", "grounding.students.nce_distill", "grounding.class_probs")
 ROWS = ("com", "com+qam", "com+qam+kam")
 TD_MAX_SIDE = 160  # S_TD is computed on the map upsampled to at most this many pixels a side (boxes scaled alike)
 
@@ -371,7 +371,7 @@ def run_student_bicm(params: Params) -> Path:
     scoring_speed = len(refs) / max(time.perf_counter() - t0, 1e-9)
     pseudo = pseudo_labels(inp, cands, refs, bp)
     refs_by_id = {r.ref_id: r for r in refs}
-    key = stage_key(STAGE, code_version(MODULES), {}, bp.model_dump(mode="json") | {"seed": params.seed},
+    key = stage_key(STAGE, code_version(__name__), {}, bp.model_dump(mode="json") | {"seed": params.seed},
                     {"dataset": ds.fingerprint(), **inp.keys})
     mpath = model_path(params, STAGE)
     dim = inp.class_emb.shape[1]
@@ -431,7 +431,7 @@ def run_student_bicm(params: Params) -> Path:
     # logged, not stored: a cached rerun must leave the metrics file byte-identical
     logging.getLogger(__name__).info("student-bicm: scored %.1f sentences/s", scoring_speed)
     write_json(curve_path(params, STAGE), ckpt["curve"])
-    return write_predictions(params, STAGE, MODULES, ds, final, inp.keys,
+    return write_predictions(params, STAGE, __name__, ds, final, inp.keys,
                              bp.model_dump(mode="json") | {"seed": params.seed}, file_sha256(mpath))
 
 

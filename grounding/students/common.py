@@ -289,25 +289,28 @@ PREDICTION_FIELDS = (
 )
 
 
-def _prediction_key(stage: str, modules: Sequence[str], ds: CanonicalDataset, inputs: Mapping[str, str],
-                    stage_params: Mapping[str, Any]) -> tuple[list[str], dict[str, str], dict[str, Any], str]:
+def _prediction_key(stage: str, module: str, ds: CanonicalDataset, inputs: Mapping[str, str],
+                    stage_params: Mapping[str, Any]) -> tuple[str, dict[str, str], dict[str, Any], str]:
+    """``(code version, inputs, teacher identity, key)`` of a student's prediction set; ``module``: the
+    student's own module (its derived code set is the code part of the key)."""
     from grounding import __version__
-    from grounding.shards import code_version, stage_key
+    from grounding.codeset import code_version
+    from grounding.shards import stage_key
 
-    mods = [*modules, "grounding.students.common"]
+    code = code_version(module)
     ins = {"dataset": ds.fingerprint(), **inputs}
     teacher = {"name": stage, "package": __version__}
-    key = stage_key(stage, code_version([*mods, "grounding.shards.writer"]), teacher, dict(stage_params), ins)
-    return mods, ins, teacher, key
+    key = stage_key(stage, code, teacher, dict(stage_params), ins)
+    return code, ins, teacher, key
 
 
-def outputs_current(params: Any, stage: str, modules: Sequence[str], ds: CanonicalDataset,
+def outputs_current(params: Any, stage: str, module: str, ds: CanonicalDataset,
                     inputs: Mapping[str, str], stage_params: Mapping[str, Any]) -> bool:
     """True when the stage's prediction shard set is committed with the key of these inputs, code and params
     and its weights and metrics files exist: the stage then has nothing to do."""
     from grounding.shards import is_complete
 
-    key = _prediction_key(stage, modules, ds, inputs, stage_params)[3]
+    key = _prediction_key(stage, module, ds, inputs, stage_params)[3]
     current = (is_complete(params.student_dir(stage), key) and model_path(params, stage).is_file()
                and metrics_path(params, stage).is_file())
     if current:
@@ -315,13 +318,13 @@ def outputs_current(params: Any, stage: str, modules: Sequence[str], ds: Canonic
     return current
 
 
-def write_predictions(params: Any, stage: str, modules: Sequence[str], ds: CanonicalDataset,
+def write_predictions(params: Any, stage: str, module: str, ds: CanonicalDataset,
                       pred: Mapping[str, np.ndarray], inputs: Mapping[str, str], stage_params: Mapping[str, Any],
                       weights_sha256: str) -> Path:
     """Per-sentence predictions as a sentence-level shard set under ``params.student_dir(stage)``;
     provenance: the input shard-set keys (in the stage key) and the weights' sha256 (in ``extra``)."""
     from grounding.boxes import paired_iou
-    from grounding.stages import dataset_extra, write_stage
+    from grounding.stage_writer import dataset_extra, write_stage
 
     out = params.student_dir(stage)
     refs = {r.ref_id: r for r in ds.refs}
@@ -336,8 +339,8 @@ def write_predictions(params: Any, stage: str, modules: Sequence[str], ds: Canon
             iou = float(paired_iou(box[None], np.array([gt], np.float32))[0]) if gt is not None else float("nan")
             yield k, {"box": box, "iou": np.float32(iou)}
 
-    mods, ins, teacher, _ = _prediction_key(stage, modules, ds, inputs, stage_params)
-    return write_stage(params, stage=stage, modules=mods, level="sentence", fields=PREDICTION_FIELDS,
+    code, ins, teacher, _ = _prediction_key(stage, module, ds, inputs, stage_params)
+    return write_stage(params, stage=stage, code=code, level="sentence", fields=PREDICTION_FIELDS,
                        item_keys=[r.ref_id for r in ds.refs], rows=rows, stage_params=dict(stage_params),
                        inputs=ins, teacher=teacher,
                        extra={**dataset_extra(params, ds, out), "weights_sha256": weights_sha256}, out_dir=out)

@@ -23,7 +23,6 @@ from torch import nn
 from grounding.students import common as C
 from grounding.students import rec as R
 
-MODULES = ("grounding.students.epmvg", *R.MODULES)
 #: ``teacher(batch) -> (image_embedding (B, D), text_embedding (B, D))`` per sentence of the batch
 TeacherFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
@@ -127,7 +126,7 @@ def run_student_epmvg(params: Any) -> Path:
     data, tok, sets = epmvg_data(params, ds, stage)
     inputs = {"clip_image": sets["image"].manifest.stage_key, "clip_text": sets["text"].manifest.stage_key}
     sp = ep.model_dump(mode="json") | {"seed": params.seed}
-    if C.outputs_current(params, stage, MODULES, ds, inputs, sp):
+    if C.outputs_current(params, stage, __name__, ds, inputs, sp):
         return params.student_dir(stage)
     clip_dim = sets["text"].fields["embedding"].shape[0]
     variants = [ep.distill] + ([not ep.distill] if ep.baseline else [])
@@ -158,5 +157,5 @@ def run_student_epmvg(params: Any) -> Path:
                     trained_on=f"GT boxes of the {ep.train_split} split"
                                + (f" + cached {ep.image_from}/{ep.text_from}" if ep.distill else ""))
     C.write_json(C.curve_path(params, stage), curves)
-    return C.write_predictions(params, stage, MODULES, ds, pred, inputs, sp, file_sha256(mpath))
+    return C.write_predictions(params, stage, __name__, ds, pred, inputs, sp, file_sha256(mpath))
 

@@ -37,12 +37,13 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from grounding import class_probs as cprobs
 from grounding.artefacts import build_once
+from grounding.codeset import code_version
 from grounding.boxes import box_iou
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.refclip.model import build_vocab, encode
 from grounding.runtime import seed_everything
-from grounding.shards import ShardSet, code_version, file_sha256, stage_key
+from grounding.shards import ShardSet, file_sha256, stage_key
 from grounding.soft_targets import region_targets
 from grounding.students.common import (
     acc_per_split,
@@ -57,8 +58,6 @@ from grounding.students.common import (
 
 log = logging.getLogger(__name__)
 STAGE = "student-nce-distill"
-MODULES = ("grounding.students.nce_distill", "grounding.soft_targets", "grounding.refclip.model",
-           "grounding.class_probs")
 GEOMETRY_DIM = 5
 
 
@@ -446,7 +445,7 @@ def checkpoint_key(params: Params, ds: CanonicalDataset, proposals: ShardSet, la
     inputs = {"dataset": ds.fingerprint(), "proposals": proposals.manifest.stage_key, "labels": labels.manifest.stage_key}
     if np_.glove_path:
         inputs["glove"] = file_sha256(np_.glove_path)  # the vectors' content, never the path
-    return stage_key(STAGE, code_version(MODULES), {}, np_.model_dump(mode="json") | {"seed": params.seed}, inputs)
+    return stage_key(STAGE, code_version(__name__), {}, np_.model_dump(mode="json") | {"seed": params.seed}, inputs)
 
 
 def run_student_nce_distill(params: Params) -> Path:
@@ -513,7 +512,7 @@ def run_student_nce_distill(params: Params) -> Path:
         extra["no_distill"] = acc_per_split(preds["no_distill"], ds)[0]
     write_metrics(params, STAGE, acc, n, baselines, **extra)
     write_json(curve_path(params, STAGE), merge_curves(ckpt["curves"]))
-    return write_predictions(params, STAGE, MODULES, ds, preds["distill"],
+    return write_predictions(params, STAGE, __name__, ds, preds["distill"],
                              {"proposals": proposals.manifest.stage_key, "labels": labels_set.manifest.stage_key},
                              np_.model_dump(mode="json") | {"seed": params.seed}, file_sha256(mpath))
 

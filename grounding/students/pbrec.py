@@ -32,7 +32,6 @@ from torchvision.ops import box_iou
 from grounding.students import common as C
 from grounding.students import rec as R
 
-MODULES = ("grounding.students.pbrec", *R.MODULES)
 
 
 # ---- soft targets (original pixels) ----------------------------------------------------------------------
@@ -262,7 +261,7 @@ def run_student_pbrec(params: Any) -> Path:
     fcos = C.teacher_set(params, pp.points_from, sorted({r.image_id for r in ds.refs}), ds, stage)
     inputs = {"points": fcos.manifest.stage_key}
     sp = pp.model_dump(mode="json") | {"seed": params.seed}
-    if C.outputs_current(params, stage, MODULES, ds, inputs, sp):
+    if C.outputs_current(params, stage, __name__, ds, inputs, sp):
         return params.student_dir(stage)
     cfg = R.RecConfig.from_params(pp, ds)
     tok = R.Tokenizer(cfg)
@@ -287,4 +286,4 @@ def run_student_pbrec(params: Any) -> Path:
     C.write_metrics(params, stage, C.mean_acc(runs), n, baselines, seeds=dict(zip(map(str, pp.seeds), runs)),
                     trained_on=f"GT box / mask soft targets of the {pp.train_split} split at {pp.points_from} points")
     C.write_json(C.curve_path(params, stage), curves)
-    return C.write_predictions(params, stage, MODULES, ds, pred, inputs, sp, file_sha256(mpath))
+    return C.write_predictions(params, stage, __name__, ds, pred, inputs, sp, file_sha256(mpath))

@@ -28,7 +28,6 @@ from grounding.weights import WeightsError, load_state_dict_file
 
 log = logging.getLogger(__name__)
 CLIP_BPE_VOCAB = 49408  # open_clip SimpleTokenizer vocabulary (BPE merges shipped with open_clip)
-MODULES = ("grounding.students.rec", "grounding.students.common", "grounding.imaging", "grounding.data.images")
 
 
 @dataclass(frozen=True)
@@ -419,7 +418,7 @@ def run_student_rec_pseudo(params: Any) -> Path:
     pseudo = np.stack([shards[i]["pseudo"]["box"].numpy() for i in range(len(shards))])  # never GT
     inputs = {"pseudo": pseudo_set.manifest.stage_key}
     sp = rp.model_dump(mode="json") | {"seed": params.seed}
-    if C.outputs_current(params, stage, MODULES, ds, inputs, sp):
+    if C.outputs_current(params, stage, __name__, ds, inputs, sp):
         return params.student_dir(stage)
     runs, curves, best = [], [], None
     with C.torch_threads(rp.threads):
@@ -446,7 +445,7 @@ def run_student_rec_pseudo(params: Any) -> Path:
                     pseudo_key=pseudo_set.manifest.stage_key,
                     trained_on=f"{rp.pseudo_from} pseudo-boxes of the {rp.pseudo_split} split (no GT)")
     C.write_json(C.curve_path(params, stage), [row for c in curves for row in c])
-    return C.write_predictions(params, stage, MODULES, ds, pred, inputs, sp, file_sha256(mpath))
+    return C.write_predictions(params, stage, __name__, ds, pred, inputs, sp, file_sha256(mpath))
 
 
 def _refclip_teacher_acc(params: Any) -> dict[str, float]:

@@ -5,7 +5,7 @@ the GT boxes of the synthetic *train* split (the synthetic world is the project'
 must name real weights). Stages ``bootstrap-frcnn``, ``bootstrap-fcos``, ``bootstrap-yolo`` write
 ``<paths.models>/bootstrap/<teacher>/<dataset>.pt`` through :func:`grounding.artefacts.build_once`: the
 key covers the dataset fingerprint, architecture, training params, seed, library versions and the code of
-this module and the detector's, so unchanged inputs train nothing. CPU runs are deterministic for a fixed
+this module and every library module it imports (derived), so unchanged inputs train nothing. CPU runs are deterministic for a fixed
 seed (torch deterministic algorithms, single-process data loading).
 
 Weights files are ``{"format": "grounding-detector-v1", arch/config, classes, "state_dict"}`` (the
@@ -27,26 +27,21 @@ import numpy as np
 import torch
 
 from grounding.artefacts import build_once
+from grounding.codeset import code_version
 from grounding.config import ConfigError, Params
 from grounding.data.gt import gt_regions
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
 from grounding.progress import progress_bar
 from grounding.runtime import optimizer_step, seed_everything
-from grounding.shards.keys import code_version, digest
+from grounding.shards.keys import digest
+from grounding.teachers.detectors import bootstrap_path  # noqa: F401 - where the stage writes
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_TEACHERS = ("frcnn", "fcos", "yolo")
-_DETECTOR_MODULE = {"frcnn": "grounding.teachers.detectors.torchvision_rcnn",
-                    "fcos": "grounding.teachers.detectors.fcos", "yolo": "grounding.teachers.detectors.yolo"}
-_DARKNET_MODULES = ("grounding.teachers.detectors.darknet", "grounding.teachers.detectors.darknet_train",
-                    "grounding.teachers.detectors.darknet_stage")
 
 
-def bootstrap_path(params: Params, teacher: str) -> Path:
-    """Where the tiny ``teacher`` trained on the current dataset lives."""
-    return Path(params.paths.models) / "bootstrap" / teacher / f"{params.dataset.name}.pt"
 
 
 def detector_classes(ds: CanonicalDataset) -> list[str]:
@@ -92,7 +87,6 @@ def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
     cfg = getattr(params.teachers, teacher)
     darknet = teacher == "yolo" and cfg.backend == "darknet"
     libs = ("torch", "torchvision", "ultralytics") if teacher == "yolo" and not darknet else ("torch", "torchvision")
-    modules = list(_DARKNET_MODULES) if darknet else [_DETECTOR_MODULE[teacher], "grounding.teachers.detectors.tiny"]
     if darknet:
         import cv2
 
@@ -104,7 +98,7 @@ def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
     return digest({
         "teacher": teacher, **arch, "input_size": cfg.input_size, "bootstrap": cfg.bootstrap, "seed": params.seed,
         "dataset": ds.fingerprint(), "libraries": {lib: md.version(lib) for lib in libs},
-        "code": code_version([__name__, "grounding.runtime", *modules]),
+        "code": code_version(__name__),  # derived: this module and all it imports
     })
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from grounding.codeset import code_version
 from grounding.config import ClipParams, ConfigError, Params
 from grounding.data.images import ImageError, load_rgb
 from grounding.data.schema import CanonicalDataset, DataError, ImageRecord
@@ -46,7 +47,6 @@ TINY_MODEL = "grounding-tiny-clip"
 #: resizes the whole image to the square input, so every object is seen and patch maps cover the image.
 PACKAGED_PREPROCESS: dict[str, dict[str, Any]] = {TINY_MODEL: {"resize_mode": "squash"}}
 #: Modules whose source defines the outputs of the embedding stages (hashed into their keys).
-CLIP_MODULES = ("grounding.teachers.clip", "grounding.data.images")
 EMBEDDING_MEANING = "L2-normalised CLIP embedding, float16"
 
 
@@ -190,7 +190,7 @@ def _cached_transform(preprocess_json: str) -> Callable[[Any], torch.Tensor]:
 
 def weights_path(params: Params) -> Path:
     """The weights file the teacher loads: ``pretrained`` (must exist), else the bootstrapped tiny CLIP
-    (trained now when missing or stale)."""
+    (the output of stage ``bootstrap-clip``, which the engine runs first)."""
     cp = params.teachers.clip
     if cp.pretrained:
         path = Path(cp.pretrained)
@@ -198,9 +198,16 @@ def weights_path(params: Params) -> Path:
             raise ConfigError(f"teachers.clip.pretrained: {path} is not a file (a local weights file is "
                               "required; nothing is downloaded)")
         return path
-    from grounding.teachers.clip_bootstrap import bootstrap_weights
+    path = bootstrap_path(params)
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers.clip.pretrained is null and {path} does not exist: run "
+                                "`grounding run bootstrap-clip` (or name a weights file)")
+    return path
 
-    return bootstrap_weights(params)
+
+def bootstrap_path(params: Params) -> Path:
+    """Where stage ``bootstrap-clip`` writes the tiny CLIP of the configured dataset."""
+    return Path(params.paths.models) / "bootstrap" / "clip" / f"{params.dataset.name}.pt"
 
 
 def teacher_identity(spec: ModelSpec, precision: str, weights_sha256: str) -> dict[str, Any]:
@@ -447,7 +454,7 @@ def upstream(params: Params, stage: str) -> ShardSet:
 
 
 def _common_extra(params: Params, teacher: ClipTeacher, ds: CanonicalDataset, out: Path) -> dict[str, Any]:
-    from grounding.stages import dataset_extra
+    from grounding.stage_writer import dataset_extra
 
     return {**dataset_extra(params, ds, out), **teacher.extra}
 
@@ -461,7 +468,7 @@ def run_clip_image(params: Params) -> Path:
 def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset, out: Path | None = None) -> Path:
     """The body of ``clip-image`` with a built teacher: decode + preprocess in ``num_workers`` DataLoader
     workers, forward in batches of ``batch_size``, stream rows into the shard writer."""
-    from grounding.stages import write_stage
+    from grounding.stage_writer import write_stage
 
     cp = params.teachers.clip
     out = out or params.teacher_dir("clip-image")
@@ -476,7 +483,7 @@ def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset,
                 yield todo[b.index], (e if isinstance(e, Exception) else {"embedding": e})
 
     fields = (FieldSpec("embedding", "float16", (teacher.embed_dim,), meaning=EMBEDDING_MEANING + " of the image"),)
-    return write_stage(params, stage="clip-image", modules=CLIP_MODULES, level="image", fields=fields,
+    return write_stage(params, stage="clip-image", code=code_version(__name__), level="image", fields=fields,
                        item_keys=[im.image_id for im in ds.images], rows=rows, stage_params={},
                        inputs={"dataset": ds.fingerprint()}, teacher=teacher.identity,
                        extra=_common_extra(params, teacher, ds, out), out_dir=out)
@@ -484,7 +491,7 @@ def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset,
 
 def run_clip_text(params: Params) -> Path:
     """``clip-text``: one embedding per sentence, with token count and truncation flag."""
-    from grounding.stages import write_stage
+    from grounding.stage_writer import write_stage
 
     ds = _dataset(params)
     teacher = build_teacher(params)
@@ -506,7 +513,7 @@ def run_clip_text(params: Params) -> Path:
         FieldSpec("n_tokens", "int32", (), meaning="tokens of the untruncated sentence incl. start/end tokens"),
         FieldSpec("truncated", "uint8", (), meaning=f"1 when the sentence was cut to the context length ({ctx})"),
     )
-    return write_stage(params, stage="clip-text", modules=CLIP_MODULES, level="sentence", fields=fields,
+    return write_stage(params, stage="clip-text", code=code_version(__name__), level="sentence", fields=fields,
                        item_keys=[r.ref_id for r in ds.refs], rows=rows, stage_params={},
                        inputs={"dataset": ds.fingerprint()}, teacher=teacher.identity,
                        extra={**_common_extra(params, teacher, ds, out), "context_length": ctx}, out_dir=out)
@@ -523,7 +530,7 @@ def detector_classes(params: Params) -> tuple[list[str], str]:
 
 def run_clip_classes(params: Params) -> Path:
     """``clip-classes``: one embedding per detector class name (mean over the prompt templates)."""
-    from grounding.stages import write_stage
+    from grounding.stage_writer import write_stage
 
     ds = _dataset(params)
     teacher = build_teacher(params)
@@ -544,7 +551,7 @@ def run_clip_classes(params: Params) -> Path:
                   meaning=EMBEDDING_MEANING + ": normalised mean of the prompt-template embeddings"),
         FieldSpec("index", "int32", (), meaning="index of the class in the detector's class list"),
     )
-    return write_stage(params, stage="clip-classes", modules=CLIP_MODULES, level="class", fields=fields,
+    return write_stage(params, stage="clip-classes", code=code_version(__name__), level="class", fields=fields,
                        item_keys=classes, rows=rows,
                        stage_params={"prompts": list(cp.prompts), "classes": classes},
                        inputs={cp.classes_from: classes_key}, teacher=teacher.identity,
@@ -555,7 +562,7 @@ def run_clip_classes(params: Params) -> Path:
 def run_clip_crops(params: Params) -> Path:
     """``clip-crops``: one embedding per proposal crop (crops in original pixels from the ``crops_from``
     shard set's ragged ``boxes``, at most ``max_crops_per_image``, in the proposals' order)."""
-    from grounding.stages import write_stage
+    from grounding.stage_writer import write_stage
 
     ds = _dataset(params)
     teacher = build_teacher(params)
@@ -593,7 +600,7 @@ def run_clip_crops(params: Params) -> Path:
         FieldSpec("proposal_index", "int32", (), ragged=True,
                   meaning=f"row of each box within the {cp.crops_from} row of the image"),
     )
-    return write_stage(params, stage="clip-crops", modules=CLIP_MODULES, level="region", fields=fields,
+    return write_stage(params, stage="clip-crops", code=code_version(__name__), level="region", fields=fields,
                        item_keys=keys, rows=rows,
                        stage_params={"crops_from": cp.crops_from, "max_crops_per_image": k_max},
                        inputs={"dataset": ds.fingerprint(), cp.crops_from: src.manifest.stage_key},
@@ -649,7 +656,7 @@ def run_qam(params: Params) -> Path:
     """``qam``: BiCM's query attention map per sentence (patch grid, float16, min-max normalised) and its
     box P_t (float32 xyxy original pixels) at ``qam_threshold``; the image is squashed to the model's
     input (see :mod:`grounding.teachers.qam`)."""
-    from grounding.stages import write_stage
+    from grounding.stage_writer import write_stage
     from grounding.teachers.qam import check_supported, map_box, qam_from_states, qam_preprocess, trunk
 
     ds = _dataset(params)
@@ -704,7 +711,7 @@ def run_qam(params: Params) -> Path:
         FieldSpec("cosine", "float32", (), meaning="cos(CLIP image, CLIP text) of the squashed image"),
         FieldSpec("flat", "uint8", (), meaning="1 when the map had no positive evidence (all zeros)"),
     )
-    return write_stage(params, stage="qam", modules=(*CLIP_MODULES, "grounding.teachers.qam"), level="sentence",
+    return write_stage(params, stage="qam", code=code_version(__name__), level="sentence",
                        fields=fields, item_keys=[r.ref_id for r in ds.refs], rows=rows,
                        stage_params={"threshold": thr, "resize_mode": "squash"},
                        inputs={"dataset": ds.fingerprint()}, teacher=teacher.identity,

@@ -32,19 +32,20 @@ import torch
 import torch.nn.functional as F
 
 from grounding.artefacts import build_once
+from grounding.codeset import code_version
 from grounding.config import ClipBootstrapParams, Params
 from grounding.data.images import ImageError, load_rgb
 from grounding.data.schema import CanonicalDataset, DataError
 from grounding.progress import progress_bar
 from grounding.runtime import torch_threads
-from grounding.shards.keys import code_version, digest
+from grounding.shards.keys import digest
+from grounding.teachers.clip import bootstrap_path  # noqa: F401 - where the stage writes
 
 log = logging.getLogger(__name__)
 
 #: Class-name captions the bootstrap aligns with crops (fixed: the teacher does not depend on the
 #: ``prompts`` of ``clip-classes``, which only read the teacher).
 CLASS_TEMPLATES = ("a photo of a {}", "a {}", "the {}", "a picture of a {}")
-BOOTSTRAP_MODULES = ("grounding.teachers.clip_bootstrap", "grounding.teachers.clip", "grounding.data.images")
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,6 @@ class TrainingData:
     crop_class: torch.Tensor | None = None
     class_tokens: torch.Tensor | None = None
     skipped: tuple[dict[str, str], ...] = ()
-
-
-def bootstrap_path(params: Params) -> Path:
-    """Where the bootstrapped weights of the configured dataset live."""
-    return Path(params.paths.models) / "bootstrap" / "clip" / f"{params.dataset.name}.pt"
 
 
 def training_data(ds: CanonicalDataset, split: str, preprocess: dict[str, Any], tokenizer: Any,
@@ -221,7 +217,7 @@ def bootstrap_weights(params: Params) -> Path:
     bp = cp.bootstrap
     spec = model_spec(cp)
     ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # the key needs only the fingerprint
-    key = digest({"stage": "bootstrap-clip", "code": code_version(BOOTSTRAP_MODULES), "model": spec.name,
+    key = digest({"stage": "bootstrap-clip", "code": code_version(__name__), "model": spec.name,
                   "model_config": spec.model_cfg, "preprocess": spec.preprocess, "bootstrap": bp.model_dump(),
                   "seed": params.seed, "dataset": ds.fingerprint(), "open_clip": open_clip.__version__,
                   "torch": torch.__version__})

@@ -26,11 +26,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from grounding.artefacts import build_once
+from grounding.codeset import code_version
 from grounding.boxes import box_iou, paired_iou
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
 from grounding.shards import ShardSet
-from grounding.shards.keys import code_version, digest
+from grounding.shards.keys import digest
 from grounding.teachers.qam import map_box
 
 EVAL_STAGES = ("clip-image", "clip-text", "clip-crops", "clip-classes", "qam")
@@ -207,7 +208,7 @@ def run_clip_eval(params: Params) -> Path:
 
             raise ShardError(f"clip-eval needs the {need} shard set at {params.teacher_dir(need)}: run it first")
     split = params.teachers.clip.eval_split
-    key = digest({"stage": "clip-eval", "code": code_version(["grounding.teachers.clip_eval"]), "split": split,
+    key = digest({"stage": "clip-eval", "code": code_version(__name__), "split": split,
                   "dataset": ds.fingerprint(), "inputs": {s: v.manifest.stage_key for s, v in sorted(sets.items())}})
     path = Path(params.paths.metrics) / "clip.json"
 

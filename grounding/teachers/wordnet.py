@@ -812,7 +812,8 @@ def run_wordnet_labels(params: Any) -> Path:
     """The ``wordnet-labels`` stage: one row per sentence of the prepared dataset (sentence level)."""
     from grounding.data.schema import CanonicalDataset
     from grounding.shards import FieldSpec
-    from grounding.stages import dataset_extra, write_stage
+    from grounding.codeset import code_version
+    from grounding.stage_writer import dataset_extra, write_stage
 
     cfg = params.teachers.wordnet
     ds = CanonicalDataset.load(params.prepared_dir())
@@ -847,7 +848,7 @@ def run_wordnet_labels(params: Any) -> Path:
              "nltk_tagger_available": path == "nltk" or nltk_tagger_available(),
              "classes_without_synsets": list(vocab.without_synsets), "report": rep}
     result = write_stage(
-        params, stage=STAGE, modules=["grounding.teachers.wordnet", "grounding.teachers.wordnet_db"],
+        params, stage=STAGE, code=code_version(__name__),
         level="sentence", fields=fields, item_keys=[r.ref_id for r in ds.refs],
         rows=lambda todo: ((k, row(by_ref[k])) for k in todo), stage_params=stage_params,
         inputs=inputs, teacher=teacher, extra=extra, out_dir=out,

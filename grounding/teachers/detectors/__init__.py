@@ -11,7 +11,7 @@ outputs in canvas pixels) and :meth:`Detector.to_row` (raw outputs of one image 
 Teacher identity (hashed into every stage key): library, version, architecture/config, input size,
 preprocessing and the sha256 of the weights file actually loaded. Weights are local files
 (``teachers.<name>.weights``); with none, the bootstrap stage trains a tiny teacher on the synthetic
-train split (:mod:`grounding.teachers.bootstrap`).
+train split (stage ``bootstrap-<teacher>``, :mod:`grounding.teachers.bootstrap`; the engine runs it first).
 """
 
 from __future__ import annotations
@@ -139,18 +139,25 @@ def resolve_classes(explicit: Sequence[str] | None, ckpt: Checkpoint, n_classes:
     raise ValueError(f"{ckpt.path}: no class names; set teachers.<name>.classes ({n_classes} names)")
 
 
+def bootstrap_path(params: Params, teacher: str) -> Path:
+    """Where stage ``bootstrap-<teacher>`` writes the tiny ``teacher`` trained on the current dataset."""
+    return Path(params.paths.models) / "bootstrap" / teacher / f"{params.dataset.name}.pt"
+
+
 def resolve_weights(params: Params, teacher: str) -> Path:
-    """The weights file of ``teacher``: ``teachers.<teacher>.weights`` or, when null, the bootstrapped
-    tiny teacher (trained once per key by :func:`grounding.teachers.bootstrap.bootstrap`)."""
+    """The weights file of ``teacher``: ``teachers.<teacher>.weights`` or, when null, the output of stage
+    ``bootstrap-<teacher>`` (which the engine runs first). A teacher never trains its own weights."""
     cfg = getattr(params.teachers, teacher)
     if cfg.weights:
         path = Path(cfg.weights)
         if not path.is_file():
             raise FileNotFoundError(f"teachers.{teacher}.weights: {path} is not a file")
         return path
-    from grounding.teachers.bootstrap import bootstrap
-
-    return bootstrap(params, teacher)
+    path = bootstrap_path(params, teacher)
+    if not path.is_file():
+        raise FileNotFoundError(f"teachers.{teacher}.weights is null and {path} does not exist: run "
+                                f"`grounding run bootstrap-{teacher}` (or name a weights file)")
+    return path
 
 
 # ---- the interface -----------------------------------------------------------------------------------------
@@ -163,8 +170,6 @@ class Detector(ABC):
     teacher: str = ""
     library: str = ""
     level: str = "region"
-    #: Further modules whose code enters the stage key (the backend's own module always does).
-    code_modules: tuple[str, ...] = ()
 
     def __init__(self, params: Params, weights: Path, device: torch.device | str = "cpu") -> None:
         self.params = params
@@ -312,7 +317,8 @@ def iter_rows(detector: Detector, ds: CanonicalDataset, keys: Sequence[str], *, 
 def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = None) -> Path:
     """Build teacher ``teacher`` from params, run it over the prepared dataset, write its shard set."""
     from grounding.runtime import resolve_device
-    from grounding.stages import dataset_extra, write_stage
+    from grounding.codeset import code_version
+    from grounding.stage_writer import dataset_extra, write_stage
 
     ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # images only: memory flat in sentences
     weights = resolve_weights(params, teacher)
@@ -322,9 +328,7 @@ def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = N
     extra = {**dataset_extra(params, ds, out), "classes": det.classes, "weights_file": str(weights),
              "device": det.device.type, "torch": torch.__version__, **det.extra()}
     return write_stage(
-        params, stage=det.stage, modules=[type(det).__module__, *det.code_modules, __name__, "grounding.boxes",
-                                          "grounding.data.images", "grounding.imaging",
-                                          "grounding.teachers.detectors.tiny"],
+        params, stage=det.stage, code=code_version(type(det).__module__),
         level=det.level, fields=det.fields(), item_keys=[im.image_id for im in ds.images],
         rows=lambda todo: iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
         stage_params=det.output_params(), inputs={"dataset": ds.fingerprint()}, teacher=det.identity(),

@@ -125,7 +125,6 @@ class DarknetDetector(Detector):
     teacher = "yolo"
     library = "torchvision"  # torchvision.ops.deform_conv2d is the only non-torch op
     level = "image"
-    code_modules = ("grounding.teachers.detectors.darknet",)
 
     @property
     def pad_rgb(self) -> tuple[float, float, float]:

@@ -105,8 +105,6 @@ def select_detections(class_logits: torch.Tensor, box_regression: torch.Tensor, 
 class FasterRCNNDetector(Detector):
     """torchvision Faster R-CNN over letterboxed canvases (see the module docstring for the row)."""
 
-    code_modules = ("grounding.class_probs",)  # also in the stage's code key (the top-k encoding)
-
     teacher = "frcnn"
     library = "torchvision"
     level = "region"

@@ -382,21 +382,27 @@ def _compute(s: StageDef) -> Callable[[Params], Path]:
     return getattr(importlib.import_module(module), fn)
 
 
-def run(name: str, params: Params, *, deps: bool = True) -> StageResult:
-    """Bring stage ``name`` up to date and return ``(path, key, hit)``. ``deps``: first bring its upstream
-    stages up to date (in :func:`plan` order); else they must be current already (DVC orders them)."""
-    if deps:
+def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResult:
+    """Bring stage ``name`` up to date and return ``(path, key, hit)``. ``deps``: ``True`` first brings every
+    upstream stage up to date (in :func:`plan` order); ``"missing"`` (default) runs only the producers of
+    inputs that do not exist yet (recursively); ``False`` runs nothing else and fails on a missing input
+    (DVC and the flow order the stages themselves)."""
+    if deps is True:
         for up in plan([name])[:-1]:
             run(up, params, deps=False)
+    elif deps == "missing":
+        for t in get(name).inputs:
+            if fingerprint(_input_path(t, params)) is None:
+                run(producer(t), params, deps="missing")
     from grounding.stage_writer import in_part
 
     s = get(name)
     st = status(name, params)
-    if not deps and st.reason.startswith("input "):
+    if st.reason.startswith("input "):
         raise FileNotFoundError(f"stage {name}: {st.reason}")
     if st.current:
         rec = read_record(s, params) or {}
-        log.info("%s: up to date (key %s)", name, st.key[:12])  # type: ignore[index]
+        log.info("%s: up to date at %s (key %s)", name, rec["path"], st.key[:12])  # type: ignore[index]
         return StageResult(Path(rec["path"]), st.key, True)  # type: ignore[arg-type]
     out = Path(_compute(s)(params))
     if not in_part():  # a fan-out part writes some shards only; the commit run records the stage

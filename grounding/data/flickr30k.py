@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from grounding.data.readers import ImageRequest, add_images, file_provenance
+from grounding.data.reader_common import ImageRequest, add_images, file_provenance
 from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
 
 FLICKR30K_SPLITS = ("train", "val", "test")

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from grounding.data.readers import ImageRequest, add_images, file_provenance
+from grounding.data.reader_common import ImageRequest, add_images, file_provenance
 from grounding.data.safe_pickle import load_pickle
 from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
 

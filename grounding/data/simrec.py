@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from grounding.data.readers import ImageRequest, orientation_when_unknown, add_images, file_provenance
+from grounding.data.reader_common import ImageRequest, orientation_when_unknown, add_images, file_provenance
 from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
 
 _COCO_TRAIN2014 = "COCO_train2014_%012d.jpg"

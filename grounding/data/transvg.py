@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from grounding import boxes as B
-from grounding.data.readers import ImageRequest, orientation_when_unknown, add_images, file_provenance
+from grounding.data.reader_common import ImageRequest, orientation_when_unknown, add_images, file_provenance
 from grounding.data.safe_pickle import load_torch_list
 from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
 

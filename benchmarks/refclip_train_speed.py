@@ -30,7 +30,8 @@ from grounding.refclip.text import build_vocab, encode
 from grounding.refclip.train import _loss, batches, load_anchor_table, model_config, train_sentences
 from grounding.runtime import resolve_device, seed_everything
 from grounding.shards import ShardSet
-from grounding.teachers.detectors import build_detector, resolve_weights
+from grounding import stages
+from grounding.teachers.detectors.stage import build_detector
 
 
 def _step(model, opt, sched, visual, mask: torch.Tensor, ids: torch.Tensor, same: torch.Tensor,
@@ -98,7 +99,7 @@ def main() -> None:
     cached_s = (time.perf_counter() - t0) / a.steps
 
     # online: decode + letterbox + frozen detector forward for the batch's images every step
-    det = build_detector("yolo", params, resolve_weights(params, "yolo"), device=device)
+    det = build_detector("yolo", params, stages.run("bootstrap-yolo", params).path, device=device)
     letterbox = det.letterbox_fn()
     by_id = {im.image_id: im for im in ds.images}
     model, opt, sched = fresh()

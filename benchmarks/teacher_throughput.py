@@ -37,7 +37,9 @@ from grounding import config as C
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
 from grounding.runtime import resolve_device
-from grounding.teachers.detectors import TEACHERS, build_detector, letterbox_image, resolve_weights
+from grounding import stages
+from grounding.teachers.detectors import TEACHERS, letterbox_image
+from grounding.teachers.detectors.stage import build_detector
 
 
 def _random_weights(params: C.Params, teacher: str, out: Path) -> Path:
@@ -73,9 +75,9 @@ def _random_weights(params: C.Params, teacher: str, out: Path) -> Path:
 
 def bench_detector(teacher: str, params: C.Params, random_weights: bool, workdir: Path) -> dict:
     """Bare-model and stage images/s of one detector teacher over the prepared dataset."""
-    from grounding.teachers.detectors import run_detector_stage
+    from grounding.teachers.detectors.stage import run_detector_stage
 
-    weights = _random_weights(params, teacher, workdir) if random_weights else resolve_weights(params, teacher)
+    weights = _random_weights(params, teacher, workdir) if random_weights else stages.run(f"bootstrap-{teacher}", params).path
     doc_teachers = getattr(params.teachers, teacher).model_dump(mode="json") | {"weights": str(weights)}
     params = params.model_copy(update={"teachers": params.teachers.model_copy(
         update={teacher: type(getattr(params.teachers, teacher)).model_validate(doc_teachers)})})

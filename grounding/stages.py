@@ -154,12 +154,12 @@ _DECLARED: tuple[StageDef, ...] = (
     StageDef("bootstrap-frcnn", "tiny Faster R-CNN trained on the synthetic train split (when no weights)",
              f"{_BOOT}:run_bootstrap_frcnn", (PREP,), ("seed", "teachers.frcnn"), _model(_boot("frcnn"))),
     StageDef("frcnn-proposals", "Faster R-CNN top-100 boxes, scores, class probabilities, RoI features",
-             f"{_DET}.torchvision_rcnn:run_frcnn_proposals", (PREP, _boot("frcnn")),
+             f"{_DET}.stage:run_frcnn_proposals", (PREP, _boot("frcnn")),
              ("teachers.frcnn", "shards", "dataset.on_error"), _shards(_t("frcnn-proposals")), fan_out=True),
     StageDef("bootstrap-fcos", "tiny FCOS trained on the synthetic train split (when no weights)",
              f"{_BOOT}:run_bootstrap_fcos", (PREP,), ("seed", "teachers.fcos"), _model(_boot("fcos"))),
     StageDef("fcos-points", "FCOS P5 points: ltrb/xyxy boxes, centerness and class logits",
-             f"{_DET}.fcos:run_fcos_points", (PREP, _boot("fcos")), ("teachers.fcos", "shards", "dataset.on_error"),
+             f"{_DET}.stage:run_fcos_points", (PREP, _boot("fcos")), ("teachers.fcos", "shards", "dataset.on_error"),
              _shards(_t("fcos-points")), fan_out=True),
     StageDef("bootstrap-yolo", "width-scaled SimREC YOLOv3 (darknet; or ultralytics') trained on the synthetic "
              "train split", f"{_BOOT}:run_bootstrap_yolo", (PREP,),
@@ -168,7 +168,7 @@ _DECLARED: tuple[StageDef, ...] = (
              _model(_boot("yolo"))),
     StageDef("yolo-anchors", "YOLOv3 (darknet: three pre-head maps, stride-32 boxes/objectness of every cell; "
              "ultralytics: neck features of the cells); top keep_ratio cells kept",
-             f"{_DET}.yolo:run_yolo_anchors", (PREP, _boot("yolo")), ("teachers.yolo", "shards", "dataset.on_error"),
+             f"{_DET}.stage:run_yolo_anchors", (PREP, _boot("yolo")), ("teachers.yolo", "shards", "dataset.on_error"),
              _shards(_t("yolo-anchors")), fan_out=True),
     StageDef("refclip-train", "RefCLIP anchor-text model trained on the cached YOLOv3 anchors",
              "grounding.refclip.train:run_refclip_train", (PREP, _t("yolo-anchors")), ("seed", "refclip"),

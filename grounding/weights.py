@@ -190,7 +190,7 @@ def _prepare_unpickling(path: Path, globals_: list[str] | None) -> None:
     needs = any(g.startswith("ultralytics.") for g in globals_) if globals_ is not None else \
         b"ultralytics" in path.read_bytes()
     if needs:
-        from grounding.teachers.detectors.yolo import offline_ultralytics
+        from grounding.ultralytics_offline import offline_ultralytics
 
         offline_ultralytics(Path(tempfile.gettempdir()) / "grounding-ultralytics")
 

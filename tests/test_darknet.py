@@ -20,7 +20,8 @@ from grounding.boxes import Letterbox
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
 from grounding.shards import ShardSet
-from grounding.teachers.detectors import build_detector, keep_count
+from grounding.teachers.detectors import keep_count
+from grounding.teachers.detectors.stage import build_detector
 from grounding.teachers.detectors.darknet import (
     ANCHORS,
     DarknetConfig,

@@ -25,13 +25,13 @@ from grounding.shards import ItemFailed, ShardSet
 from grounding.teachers.detectors import (
     IMAGENET_MEAN,
     TEACHERS,
-    build_detector,
     keep_count,
     letterbox_image,
     load_checkpoint,
     save_checkpoint,
 )
 from grounding.teachers.detectors.fcos import build_fcos
+from grounding.teachers.detectors.stage import build_detector
 from grounding.teachers.detectors.torchvision_rcnn import build_faster_rcnn
 from grounding.teachers.detectors.yolo import import_ultralytics, model_config
 

@@ -19,7 +19,8 @@ from grounding import config as C
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
 from grounding.shards import ShardSet
-from grounding.teachers.detectors import build_detector, letterbox_image
+from grounding.teachers.detectors import letterbox_image
+from grounding.teachers.detectors.stage import build_detector
 from grounding.teachers.detectors.mmdet import mmdet_available, mmdet_config
 
 pytestmark = [pytest.mark.slow,

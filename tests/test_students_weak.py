@@ -329,7 +329,7 @@ def test_no_teacher_forward_during_student_stages(world: config.Params, tmp_path
     import torchvision.models.detection as tvd
 
     from grounding.teachers import clip as tclip
-    from grounding.teachers import detectors as tdet
+    from grounding.teachers.detectors import stage as tdet
 
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("a student stage built or ran a teacher model")

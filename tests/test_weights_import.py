@@ -90,7 +90,8 @@ def ultralytics_pt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 
 
 def test_stage_refuses_ultralytics_pt_and_accepts_the_import(ultralytics_pt, tmp_path: Path) -> None:
-    from grounding.teachers.detectors import build_detector, load_checkpoint
+    from grounding.teachers.detectors import load_checkpoint
+    from grounding.teachers.detectors.stage import build_detector
 
     src, reference, cfg = ultralytics_pt
     with pytest.raises(WeightsError, match=r"yolo-tiny\.pt: .*grounding weights import .* --trust") as e:

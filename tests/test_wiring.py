@@ -46,3 +46,71 @@ def test_plan_orders_dependencies_and_rejects_unknown() -> None:
             assert order.index(dep) < order.index(name)
     with pytest.raises(KeyError, match="unknown target"):
         stages_for("nope")
+
+
+# ---- the stage engine (issue 18) -------------------------------------------------------------------------------
+def test_committed_dvc_yaml_is_the_generated_one() -> None:
+    from grounding.dvcgen import dvc_yaml
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: run `grounding dvc-yaml > dvc.yaml`"
+
+
+def test_no_import_cycles_in_the_library() -> None:
+    from grounding import codeset
+
+    assert codeset.cycles(codeset.import_graph()) == []
+
+
+def test_layering_over_the_derived_import_graph() -> None:
+    """Students (every file) never reach a teacher (grounding/teachers, grounding/refclip) through any chain of
+    imports; grounding/shards and grounding/boxes.py reach no model code."""
+    from grounding import codeset
+
+    graph = codeset.import_graph()
+    teachers = ("grounding.teachers", "grounding.refclip")
+    for mod in (m for m in graph if m.startswith("grounding.students")):
+        bad = [m for m in codeset.code_modules(mod) if m.startswith(teachers)]
+        assert not bad, f"{mod} reaches teacher modules {bad}"
+    for mod in (m for m in graph if m.startswith("grounding.shards") or m == "grounding.boxes"):
+        bad = [m for m in codeset.code_modules(mod) if m.startswith((*teachers, "grounding.students"))]
+        assert not bad, f"{mod} reaches model code {bad}"
+
+
+def test_code_set_follows_every_import_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``import grounding.x``, ``from grounding import x`` (x a submodule), ``from grounding.x import y`` (y a
+    submodule or a name), relative imports, imports inside functions, and package ``__init__``s."""
+    from grounding import codeset
+
+    pkg = tmp_path / "grounding"
+    files = {"__init__.py": "", "a.py": "from grounding import b\nfrom .sub import leaf\n",
+             "b.py": "def f():\n    import grounding.c\n", "c.py": "from grounding.sub.leaf import NAME\n",
+             "sub/__init__.py": "", "sub/leaf.py": "from ..d import x\nNAME = 1\n", "d.py": "x = 1\n",
+             "unused.py": ""}
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    monkeypatch.setattr(codeset, "ROOT", tmp_path)
+    for cache in (codeset._file_digest, codeset.direct_imports, codeset.code_modules):
+        cache.cache_clear()
+    try:
+        assert codeset.code_set("grounding.a") == tuple(f"grounding/{f}" for f in sorted(
+            ["__init__.py", "a.py", "b.py", "c.py", "d.py", "sub/__init__.py", "sub/leaf.py"]))
+        before = codeset.code_version("grounding.a")
+        (pkg / "d.py").write_text("x = 1\n# a comment\n")
+        codeset._file_digest.cache_clear()
+        assert codeset.code_version("grounding.a") != before
+    finally:
+        for cache in (codeset._file_digest, codeset.direct_imports, codeset.code_modules):
+            cache.cache_clear()
+
+
+def test_every_stage_declares_resolvable_params_and_a_registered_entry() -> None:
+    from grounding import config
+
+    p = config.Params()
+    for s in stages.STAGES.values():
+        for dotted in s.params:
+            stages.param_value(p, dotted)  # KeyError when it names no params.yaml path
+        module, fn = s.compute.split(":")
+        assert (ROOT / s.entry).is_file() and (ROOT / module.replace(".", "/")).with_suffix(".py").is_file()
+        assert f"def {fn}(" in (ROOT / module.replace(".", "/")).with_suffix(".py").read_text()

@@ -17,7 +17,6 @@ The score of an anchor for a sentence is the dot product of the two joint-space 
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -28,41 +27,7 @@ from grounding.refclip.fusion import MultiScaleFusion
 from grounding.refclip.language import LanguageEncoder
 
 FORMAT = "grounding-refclip-v2"
-PAD, UNK = "<pad>", "<unk>"
-_WORD = re.compile(r"[\w']+", re.UNICODE)
-
-
-# The earlier word split and sorted vocabulary, kept for grounding.students.nce_distill; RefCLIP itself
-# tokenises as the public code does (grounding.refclip.text).
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens (letters, digits, apostrophes); the rest is dropped."""
-    return _WORD.findall(text.lower())
-
-
-def build_vocab(texts: Sequence[str], min_count: int = 1) -> list[str]:
-    """Sorted vocabulary of the training sentences, ``<pad>`` = 0 and ``<unk>`` = 1 first.
-
-    Saved with the checkpoint: the mapping never depends on the order sentences are read in."""
-    counts: dict[str, int] = {}
-    for t in texts:
-        for w in tokenize(t):
-            counts[w] = counts.get(w, 0) + 1
-    return [PAD, UNK, *sorted(w for w, c in counts.items() if c >= min_count)]
-
-
-def encode(texts: Sequence[str], vocab: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``(B, max_len)`` int64 (0-padded, truncated) and the truncation flags ``(B,)`` bool.
-
-    An empty sentence becomes a single ``<unk>`` token so that every row has at least one position."""
-    index = {w: i for i, w in enumerate(vocab)}
-    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
-    truncated = torch.zeros(len(texts), dtype=torch.bool)
-    for r, t in enumerate(texts):
-        toks = [index.get(w, 1) for w in tokenize(t)] or [1]
-        truncated[r] = len(toks) > max_len
-        toks = toks[:max_len]
-        ids[r, : len(toks)] = torch.tensor(toks)
-    return ids, truncated
+from grounding.word_vocab import PAD, UNK, build_vocab, encode, tokenize  # noqa: E402,F401 - re-exported
 
 
 @dataclass(frozen=True)

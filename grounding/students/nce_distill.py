@@ -41,7 +41,7 @@ from grounding.codeset import code_version
 from grounding.boxes import box_iou
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
-from grounding.refclip.model import build_vocab, encode
+from grounding.word_vocab import build_vocab, encode
 from grounding.runtime import seed_everything
 from grounding.shards import ShardSet, file_sha256, stage_key
 from grounding.soft_targets import region_targets

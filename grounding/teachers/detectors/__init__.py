@@ -1,6 +1,6 @@
 """Detector teachers: one :class:`Detector` interface, backends chosen in ``params.yaml``.
 
-``build_detector(teacher, params)`` is the only constructor (``teacher`` in :data:`TEACHERS`). Every
+``grounding.teachers.detectors.stage.build_detector(teacher, params)`` is the only constructor (``teacher`` in :data:`TEACHERS`). Every
 backend sees the same pixels: images are decoded with :func:`grounding.data.images.load_rgb` in
 DataLoader workers and letterboxed (aspect kept, centred, padded) into an ``input_size`` square canvas by
 :func:`letterbox_image`; the :class:`~grounding.boxes.Letterbox` of each image is stored in its row, and
@@ -314,45 +314,3 @@ def iter_rows(detector: Detector, ds: CanonicalDataset, keys: Sequence[str], *, 
             yield keys[it.index], (ImageFailed(it.error) if it.error is not None else by_index[it.index])
 
 
-def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = None) -> Path:
-    """Build teacher ``teacher`` from params, run it over the prepared dataset, write its shard set."""
-    from grounding.runtime import resolve_device
-    from grounding.codeset import code_version
-    from grounding.stage_writer import dataset_extra, write_stage
-
-    ds = CanonicalDataset.load(params.prepared_dir(), refs=False)  # images only: memory flat in sentences
-    weights = resolve_weights(params, teacher)
-    det = build_detector(teacher, params, weights, device=resolve_device(params.device))
-    out = out_dir or params.teacher_dir(det.stage)
-    cfg = det.cfg
-    extra = {**dataset_extra(params, ds, out), "classes": det.classes, "weights_file": str(weights),
-             "device": det.device.type, "torch": torch.__version__, **det.extra()}
-    return write_stage(
-        params, stage=det.stage, code=code_version(type(det).__module__),
-        level=det.level, fields=det.fields(), item_keys=[im.image_id for im in ds.images],
-        rows=lambda todo: iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
-        stage_params=det.output_params(), inputs={"dataset": ds.fingerprint()}, teacher=det.identity(),
-        extra=extra, out_dir=out,
-    )
-
-
-def build_detector(teacher: str, params: Params, weights: Path, device: torch.device | str = "cpu") -> Detector:
-    """The detector of ``teacher`` with the backend its params name (``KeyError`` listing teachers)."""
-    if teacher not in TEACHERS:
-        raise KeyError(f"unknown detector teacher {teacher!r}; teachers are {sorted(TEACHERS)}")
-    backend = getattr(params.teachers, teacher).backend
-    if teacher == "frcnn":
-        if backend == "mmdet":
-            from grounding.teachers.detectors.mmdet import MMDetRCNNDetector as cls
-        else:
-            from grounding.teachers.detectors.torchvision_rcnn import FasterRCNNDetector as cls
-    elif teacher == "fcos":
-        if backend == "mmdet":
-            from grounding.teachers.detectors.mmdet import MMDetFCOSDetector as cls
-        else:
-            from grounding.teachers.detectors.fcos import FCOSDetector as cls
-    elif backend == "darknet":
-        from grounding.teachers.detectors.darknet_stage import DarknetDetector as cls
-    else:
-        from grounding.teachers.detectors.yolo import YoloDetector as cls
-    return cls(params, weights, device)

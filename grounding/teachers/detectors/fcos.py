@@ -35,7 +35,6 @@ from grounding.teachers.detectors import (
     common_fields,
     common_row,
     resolve_classes,
-    run_detector_stage,
 )
 from grounding.teachers.detectors.tiny import TINY_FPN_CHANNELS, TinyFPNBackbone
 
@@ -156,8 +155,3 @@ class FCOSDetector(Detector):
                 "centerness": raw["centerness"].float().cpu().numpy(),
                 "class_logits": raw["class_logits"].float().cpu().numpy(), "inside": inside.astype(np.uint8),
                 **common_row(lb)}
-
-
-def run_fcos_points(params: Params) -> Path:
-    """Stage ``fcos-points``: every P5 point's box, centerness and class logits per image."""
-    return run_detector_stage(params, "fcos")

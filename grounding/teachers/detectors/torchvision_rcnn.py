@@ -41,7 +41,6 @@ from grounding.teachers.detectors import (
     common_fields,
     common_row,
     resolve_classes,
-    run_detector_stage,
 )
 from grounding.teachers.detectors.tiny import TINY_FPN_CHANNELS, TinyFPNBackbone
 
@@ -207,8 +206,3 @@ class FasterRCNNDetector(Detector):
         if self.cfg.class_probs == "dense":
             return {cp.DENSE: probs.astype(np.float16)}
         return cp.encode_topk(probs, self.cfg.class_probs_k)
-
-
-def run_frcnn_proposals(params: Params) -> Path:
-    """Stage ``frcnn-proposals``: top detections with class probabilities and RoI features per image."""
-    return run_detector_stage(params, "frcnn")

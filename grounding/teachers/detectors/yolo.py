@@ -31,45 +31,16 @@ from PIL import Image
 from grounding.boxes import Letterbox
 from grounding.config import Params
 from grounding.shards import FieldSpec
+from grounding.ultralytics_offline import offline_ultralytics  # noqa: F401 - re-exported
 from grounding.teachers.detectors import (
     Detector,
     canvas_to_original,
     common_fields,
     common_row,
     keep_count,
-    run_detector_stage,
 )
 
 P5_STRIDE = 32
-_OFF = ("sync", "hub", "tensorboard", "wandb", "mlflow", "clearml", "comet", "dvc", "neptune", "raytune",
-        "openvino_msg")
-
-
-def offline_ultralytics(config_dir: str | os.PathLike[str]) -> Any:
-    """Point ultralytics' settings at ``config_dir`` (not the home dir), force offline mode, switch off
-    analytics and logger callbacks; returns the ``ultralytics`` module. Call before any other import of
-    ultralytics (its settings and online check are read at import time)."""
-    config_dir = Path(config_dir).resolve()
-    config_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
-    os.environ["YOLO_OFFLINE"] = "1"
-    import ultralytics
-    from ultralytics.utils import SETTINGS, patches
-
-    # Importing ultralytics monkey-patches PIL.Image.open (on an unidentified image it pip-installs pi-heif
-    # at run time) and torch.save process-wide; put the originals back so load_rgb and every other module
-    # behave the same whether or not ultralytics was imported.
-    Image.open = patches._image_open
-    torch.save = patches._torch_save
-
-    updates = {k: False for k in _OFF if k in SETTINGS}
-    updates.update({k: str(config_dir / k.replace("_dir", "")) for k in ("datasets_dir", "weights_dir", "runs_dir")
-                    if k in SETTINGS})
-    if any(SETTINGS.get(k) != v for k, v in updates.items()):
-        SETTINGS.update(updates)
-    return ultralytics
-
-
 def import_ultralytics(params: Params) -> Any:
     """:func:`offline_ultralytics` with the project's config dir (``<paths.models>/.ultralytics``)."""
     return offline_ultralytics(Path(params.paths.models) / ".ultralytics")
@@ -220,8 +191,3 @@ class YoloDetector(Detector):
             "cell_scores": raw["cell_scores"].float().cpu().numpy(),
             **common_row(lb),
         }
-
-
-def run_yolo_anchors(params: Params) -> Path:
-    """Stage ``yolo-anchors``: the kept stride-32 cells (features, boxes, confidence) per image."""
-    return run_detector_stage(params, "yolo")

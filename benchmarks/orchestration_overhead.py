@@ -10,7 +10,10 @@ DVC gets the same stages as explicit targets) is run once by ``dvc repro``; then
 * ``cached_flow_first_call_s``: the Prefect flow ``grounding`` (``--target``, default ``all``) run
   in-process on the same outputs, its first call, which includes starting the ephemeral API server
   (127.0.0.1 only, temporary ``PREFECT_HOME``); every task is a cache hit (the stage key in each manifest);
-* ``cached_flow_s``: further calls of the same flow (server up), median of ``--repeats``.
+* ``cached_flow_s``: further calls of the same flow (server up), median of ``--repeats``;
+* ``cached_grounding_run_s``: a fresh process running every stage of the target through the engine
+  (``grounding.stages.run``, what ``grounding run`` does per stage; process start and imports included), and
+  ``grounding_status_s``: ``grounding status`` of every stage (a fresh process); medians of ``--repeats``.
 
 Ratios are against the first run. No traffic leaves the machine: DVC analytics and update checks are off
 (``.dvc/config`` and ``DVC_NO_ANALYTICS``), Prefect analytics off, its API is the local ephemeral server.
@@ -119,6 +122,14 @@ def main() -> None:
             noop.append(dt)
         print(f"no-op dvc repro: {statistics.median(noop):.2f} s (runs {[round(x, 2) for x in noop]})", flush=True)
 
+        run_all = ("import sys\nfrom grounding import config, stages\np = config.load('params.yaml')\n"
+                   "hits = [stages.run(n, p, deps=False).hit for n in sys.argv[1:]]\n"
+                   "assert all(hits), hits")
+        engine = [timed([sys.executable, "-c", run_all, *targets], repo, env)[0] for _ in range(args.repeats)]
+        status = [timed([sys.executable, "-m", "grounding.cli", "status"], repo, env)[0] for _ in range(args.repeats)]
+        print(f"cached grounding run (engine, fresh process): {statistics.median(engine):.2f} s "
+              f"(runs {[round(x, 2) for x in engine]}); grounding status: {statistics.median(status):.2f} s", flush=True)
+
         cwd = os.getcwd()
         os.chdir(repo)
         try:
@@ -152,6 +163,9 @@ def main() -> None:
         "cached_flow_first_call_s": round(flow[0], 2),
         "cached_flow_s": round(statistics.median(flow[1:]), 2), "cached_flow_runs_s": [round(x, 2) for x in flow[1:]],
         "files_rewritten_by_cached_flow": rewritten,
+        "cached_grounding_run_s": round(statistics.median(engine), 2), "cached_grounding_run_runs_s": [round(x, 2) for x in engine],
+        "grounding_status_s": round(statistics.median(status), 2),
+        "loadavg": open("/proc/loadavg").read().split()[:3],
         "ratio_noop_dvc_vs_first": round(statistics.median(noop) / first, 4),
         "ratio_cached_flow_vs_first": round(statistics.median(flow[1:]) / first, 4),
         "ratio_cached_flow_first_call_vs_first": round(flow[0] / first, 4),

@@ -196,7 +196,7 @@ _DECLARED: tuple[StageDef, ...] = (
              _shards(_t("clip-classes")), fan_out=True),
     StageDef("clip-crops", "CLIP embedding per proposal crop (teachers.clip.crops_from boxes)", f"{_CLIP}:run_clip_crops",
              (PREP, _boot("clip"), _t("frcnn-proposals")), _CLIP_PARAMS, _shards(_t("clip-crops")), fan_out=True),
-    StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t", f"{_CLIP}:run_qam",
+    StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t", "grounding.teachers.qam_stage:run_qam",
              (PREP, _boot("clip")), _CLIP_PARAMS, _shards(_t("qam")), fan_out=True),
     StageDef("clip-eval", "CLIP sanity figures on the eval split -> data/metrics/clip.json",
              "grounding.teachers.clip_eval:run_clip_eval",

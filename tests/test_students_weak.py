@@ -328,7 +328,7 @@ def test_no_teacher_forward_during_student_stages(world: config.Params, tmp_path
     import open_clip
     import torchvision.models.detection as tvd
 
-    from grounding.teachers import clip as tclip
+    from grounding.teachers import clip_model as tclip
     from grounding.teachers.detectors import stage as tdet
 
     def boom(*a: object, **k: object) -> None:

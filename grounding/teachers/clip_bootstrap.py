@@ -39,7 +39,7 @@ from grounding.data.schema import CanonicalDataset, DataError
 from grounding.progress import progress_bar
 from grounding.runtime import torch_threads
 from grounding.shards.keys import digest
-from grounding.teachers.clip import bootstrap_path  # noqa: F401 - where the stage writes
+from grounding.teachers.clip_model import bootstrap_path  # noqa: F401 - where the stage writes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def training_data(ds: CanonicalDataset, split: str, preprocess: dict[str, Any], 
     """Decode the images of ``split`` (through :func:`load_rgb`), crop every distinct GT box in original
     pixels, preprocess both with the teacher's transform, tokenize the sentences. Undecodable images
     raise under ``on_error="fail"`` and are skipped (and listed) under ``"skip"``."""
-    from grounding.teachers.clip import crop_box_pixels, tokenize, transform_of
+    from grounding.teachers.clip_loading import crop_box_pixels
+    from grounding.teachers.clip_model import tokenize, transform_of
 
     refs = [r for r in ds.refs if r.split == split]
     if not refs:
@@ -211,7 +212,7 @@ def bootstrap_weights(params: Params) -> Path:
     import open_clip
 
     from grounding.runtime import seed_everything
-    from grounding.teachers.clip import create_model, model_spec
+    from grounding.teachers.clip_model import create_model, model_spec
 
     cp = params.teachers.clip
     bp = cp.bootstrap
@@ -253,7 +254,7 @@ def run_bootstrap_clip(params: Params) -> Path:
     """Stage ``bootstrap-clip``: the tiny CLIP's weights file (trained when missing or stale). With
     ``teachers.clip.pretrained`` set there is nothing to bootstrap and the given file is returned."""
     if params.teachers.clip.pretrained:
-        from grounding.teachers.clip import weights_path
+        from grounding.teachers.clip_model import weights_path
 
         return weights_path(params)
     return bootstrap_weights(params)

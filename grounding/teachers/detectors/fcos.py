@@ -14,7 +14,6 @@ Rows are fixed-size (level ``image``), so readers map them straight into memory.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -25,7 +24,6 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from grounding.boxes import Letterbox
-from grounding.config import Params
 from grounding.imaging import IMAGENET_MEAN, IMAGENET_STD
 from grounding.shards import FieldSpec
 from grounding.teachers.detectors import (

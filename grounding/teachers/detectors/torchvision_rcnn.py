@@ -17,7 +17,6 @@ index of every detection is known; a test checks boxes/scores/labels against ``m
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -32,7 +31,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from grounding import class_probs as cp
 from grounding.boxes import Letterbox
-from grounding.config import Params
 from grounding.imaging import IMAGENET_MEAN, IMAGENET_STD
 from grounding.shards import FieldSpec
 from grounding.teachers.detectors import (

@@ -20,7 +20,6 @@ hub/tracking callbacks).
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Mapping
 

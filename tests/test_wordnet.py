@@ -128,8 +128,8 @@ def test_tagger_paths(wn, monkeypatch) -> None:
         def tag(self, tokens):
             return [(t, self.tags.get(t.lower(), "NN")) for t in tokens]
 
-    monkeypatch.setattr(W, "nltk_tagger_available", lambda: True)
-    monkeypatch.setattr(W, "_perceptron", lambda: FakeTagger())
+    monkeypatch.setattr("grounding.teachers.wordnet_head.nltk_tagger_available", lambda: True)  # where head_noun looks
+    monkeypatch.setattr("grounding.teachers.wordnet_head._perceptron", lambda: FakeTagger())
     assert W.head_noun("man in red shirt", tagger="nltk", wn=wn) == ("man", "nltk")
     assert W.head_noun("the man holding a puppy", tagger="auto", wn=wn) == ("man", "nltk")
     assert W.head_noun("a group of people", tagger="nltk", wn=wn).noun == "people"

@@ -29,7 +29,8 @@ from grounding.data.flickr30k import read_flickr30k
 from grounding.data.images import ImageError, probe_image
 from grounding.data.refcoco import coco_rle, read_refer
 from grounding.data.safe_pickle import load_torch_list
-from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, ImageRecord, RefRecord
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, DataError, ImageRecord, RefRecord
 from grounding.data.simrec import read_simrec
 from grounding.data.transvg import read_transvg
 from grounding.shards import Manifest, ShardError, ShardSet, ShardWriter, verify_shard_set

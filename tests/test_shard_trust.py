@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 
 from grounding import config as C
 from grounding.cli import app
-from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, ImageRecord
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, DataError, ImageRecord
 from grounding.shards import Manifest, ShardError, ShardSet, ShardWriter, file_sha256, verify_shard_set
 from grounding.shards.generation import file_generation, generation_of
 from grounding.shards.lock import LOCK_FILE, DirLock, LockHeld

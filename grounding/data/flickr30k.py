@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Iterable
 
 from grounding.data.reader_common import ImageRequest, add_images, file_provenance
-from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, DataError, OnError
 
 FLICKR30K_SPLITS = ("train", "val", "test")
 _PLAIN_ID = re.compile(r"(?!\.\.?$)[\w.-]+")  # an image id names Sentences/<id>.txt etc.: no path parts

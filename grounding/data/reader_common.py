@@ -14,7 +14,8 @@ from typing import Iterable
 from PIL import Image
 
 from grounding.data.images import image_record
-from grounding.data.schema import DataError, DatasetBuilder, ImageRecord
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import DataError, ImageRecord
 
 
 #: Datasets whose images are COCO train2014: their boxes are in stored-pixel coordinates, so an EXIF-rotated

@@ -33,7 +33,8 @@ from typing import Any, Iterable
 
 from grounding.data.reader_common import ImageRequest, add_images, file_provenance
 from grounding.data.safe_pickle import load_pickle
-from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, DataError, OnError
 
 
 def coco_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from grounding.data.reader_common import ImageRequest, orientation_when_unknown, add_images, file_provenance
-from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, DataError, OnError
 
 _COCO_TRAIN2014 = "COCO_train2014_%012d.jpg"
 

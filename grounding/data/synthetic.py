@@ -36,7 +36,8 @@ from PIL import Image, ImageChops, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from grounding.data.schema import CanonicalDataset, DatasetBuilder, ImageRecord, float32_box
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, ImageRecord, float32_box
 
 # Bump whenever a change alters pixels, objects, sentences or splits for a given config.
 GENERATOR_VERSION = "1"

@@ -32,7 +32,8 @@ import numpy as np
 from grounding import boxes as B
 from grounding.data.reader_common import ImageRequest, orientation_when_unknown, add_images, file_provenance
 from grounding.data.safe_pickle import load_torch_list
-from grounding.data.schema import CanonicalDataset, DataError, DatasetBuilder, OnError
+from grounding.data.builder import DatasetBuilder
+from grounding.data.schema import CanonicalDataset, DataError, OnError
 
 #: Box convention of each TransVG dataset's split files.
 TRANSVG_BOX_FORMAT: dict[str, str] = {

@@ -55,7 +55,7 @@ from grounding.students.common import (
     write_metrics,
     write_predictions,
 )
-from grounding.students.nce_distill import detector_classes, load_regions, proposal_baselines, read_timing, timing_path
+from grounding.students.regions import detector_classes, load_regions, proposal_baselines, read_timing, timing_path
 
 log = logging.getLogger(__name__)
 STAGE = "student-bicm"

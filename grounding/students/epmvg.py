@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grounding.students import common as C
-from grounding.students import rec as R
+from grounding.students import rec_trunk as R
 
 #: ``teacher(batch) -> (image_embedding (B, D), text_embedding (B, D))`` per sentence of the batch
 TeacherFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]

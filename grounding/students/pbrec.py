@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from grounding.students import common as C
-from grounding.students import rec as R
+from grounding.students import rec_trunk as R
 
 
 

@@ -398,8 +398,12 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
 
     s = get(name)
     st = status(name, params)
-    if st.reason.startswith("input "):
-        raise FileNotFoundError(f"stage {name}: {st.reason}")
+    missing = [t for t in s.inputs if fingerprint(_input_path(t, params)) is None] if st.reason.startswith("input ") else []
+    if missing:
+        up = producer(missing[0])
+        what = "prepared dataset" if up == "prepare" else "shard set" if not Path(missing[0]).suffix else "output"
+        raise FileNotFoundError(f"needs the {what} of {up} at {_input_path(missing[0], params)}: run "
+                                f"`grounding run {up}` first")
     if st.current:
         rec = read_record(s, params) or {}
         log.info("%s: up to date at %s (key %s)", name, rec["path"], st.key[:12])  # type: ignore[index]

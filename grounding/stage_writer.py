@@ -10,39 +10,16 @@ import hashlib
 import logging
 import math
 import os
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from grounding.config import Params
 from grounding.data.schema import DATASET_FILE, CanonicalDataset, canonical_json, read_records
 from grounding.shards import FieldSpec, ShardSetSpec, ShardWriter, stage_key
 from grounding.shards.keys import content_base
+from grounding.shard_parts import _PART, in_part, shard_part  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-
-_PART: ContextVar[tuple[int, int] | None] = ContextVar("grounding_shard_part", default=None)
-
-
-@contextmanager
-def shard_part(part: int, n_parts: int) -> Iterator[None]:
-    """Within this context, shard-set stages write only shards ``i`` with ``i % n_parts == part`` and do
-    not commit (fan-out: run every part, then run the stage once more outside the context to commit;
-    the result is byte-identical to a serial run because shard contents depend only on their items)."""
-    if not 0 <= part < n_parts:
-        raise ValueError(f"part {part} not in [0, {n_parts})")
-    token = _PART.set((part, n_parts))
-    try:
-        yield
-    finally:
-        _PART.reset(token)
-
-
-def in_part() -> bool:
-    """True inside :func:`shard_part` (a part writes some shards and commits nothing)."""
-    return _PART.get() is not None
 
 
 def write_stage(

@@ -394,7 +394,7 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
         for t in get(name).inputs:
             if fingerprint(_input_path(t, params)) is None:
                 run(producer(t), params, deps="missing")
-    from grounding.stage_writer import in_part
+    from grounding.shard_parts import in_part
 
     s = get(name)
     st = status(name, params)

@@ -21,7 +21,8 @@ BUILT = ("prepare", "gt-boxes", "bootstrap-yolo", "yolo-anchors")
 def _dvc_stale(dvc_repo) -> set[str]:
     """The built stages whose deps (code, params, data) DVC finds changed against dvc.lock, in-process
     (DVC's Python API, what `dvc status` reports as "changed deps"; no process start per call)."""
-    return {s.name for s in dvc_repo.index.stages if s.name in BUILT and s.changed_deps()}
+    with dvc_repo.lock:  # what `dvc status` holds while it checks
+        return {s.name for s in dvc_repo.index.stages if s.name in BUILT and s.changed_deps()}
 
 
 def _engine_stale(repo: Path) -> set[str]:

@@ -39,7 +39,12 @@ def main() -> None:
     from grounding.data.schema import CanonicalDataset
     from grounding.students import common as C
 
-    modes = sys.argv[1:] or ["exact", "no-weight", "no-bn"]
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("modes", nargs="*", choices=["exact", "no-weight", "no-bn"], default=[],
+                    help="which runs (default: all three)")
+    modes = ap.parse_args().modes or ["exact", "no-weight", "no-bn"]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base = T._student_params(tmp, *T.REC_SETS)

@@ -31,5 +31,12 @@ def tables(doc: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/out/gpu_check.json")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="?", type=Path, default=Path("benchmarks/out/gpu_check.json"))
+    path = ap.parse_args().json
+    if not path.is_file():
+        print(f"error: {path} not found: run benchmarks/gpu_check.sh first", file=sys.stderr)
+        raise SystemExit(1)
     print(tables(json.loads(path.read_text())))

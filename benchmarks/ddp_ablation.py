@@ -42,9 +42,11 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("modes", nargs="*", choices=["exact", "no-weight", "no-bn"], default=[],
-                    help="which runs (default: all three)")
-    modes = ap.parse_args().modes or ["exact", "no-weight", "no-bn"]
+    known = ["exact", "no-weight", "no-bn"]
+    ap.add_argument("modes", nargs="*", help=f"which runs, of {known} (default: all three)")
+    modes = ap.parse_args().modes or known
+    if set(modes) - set(known):
+        ap.error(f"unknown mode(s) {sorted(set(modes) - set(known))}; known: {known}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base = T._student_params(tmp, *T.REC_SETS)

@@ -65,8 +65,13 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding stages`)"),
               params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt,
               deps: bool = typer.Option(True, "--deps/--no-deps", help="bring upstream stages up to date first"),
-              wait: bool = WaitOpt) -> None:
+              wait: bool = WaitOpt,
+              nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine: N > 1 launches "
+                                        "`torchrun --standalone --nproc_per_node N` on the same stage and params "
+                                        "(data-parallel training stages; the others run on rank 0)")) -> None:
     """Run one stage (or reuse its cached output) and print where the output is."""
+    from grounding import distributed as D
+    from grounding import runtime as R
     from grounding import stages
 
     p = _params(params, [*(set_ or []), *(["shards.wait=true"] if wait else [])])
@@ -74,9 +79,31 @@ def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding 
         names = stages.plan([stage]) if deps else [stages.get(stage).name]
     except KeyError as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
-    for name in names:
-        r = _run_one(name, p)
-        console.print(f"[green]{name}[/green] → {r.path}" + (" [dim](up to date)[/dim]" if r.hit else ""))
+    if nproc > 1 and not D.launched():
+        args = ["run", stage, "--params", params, *[a for s in set_ or [] for a in ("--set", s)],
+                "--deps" if deps else "--no-deps", *(["--wait"] if wait else [])]
+        raise typer.Exit(_torchrun(nproc, args))
+    if D.launched():
+        D.init_from_env(R.resolve_device(p.device))
+    try:
+        for name in names:
+            r = R.run_on_ranks(name, lambda: _run_one(name, p))
+            if D.is_main() and r is not None:
+                console.print(f"[green]{name}[/green] → {r.path}" + (" [dim](up to date)[/dim]" if r.hit else ""))
+    finally:
+        D.shutdown()
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Run ``grounding <args>`` under ``torchrun --standalone --nproc_per_node nproc`` (torch.distributed.run's
+    module entry, this Python); returns its exit code."""
+    import subprocess
+
+    verbose = ["-v"] if logging.getLogger().getEffectiveLevel() <= logging.INFO else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "grounding.cli", *verbose, *args]
+    err.print(f"launching: {' '.join(cmd[1:])}", soft_wrap=True, markup=False)
+    return subprocess.call(cmd)
 
 
 def _run_one(name: str, p: C.Params) -> "stages.StageResult":  # noqa: F821 - imported lazily

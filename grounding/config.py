@@ -565,6 +565,20 @@ class BicmParams(_Section):
     threads: int | None = Field(1, ge=1)
 
 
+class TrainParams(_Section):
+    """Settings of every training stage (the students and ``refclip-train``). ``precision``: ``fp32``, or
+    ``bf16`` / ``fp16`` autocast on CUDA (fp16 with a ``torch.amp.GradScaler``); CPU training stays fp32
+    (a log line says so). It changes results, so a non-fp32 value enters the stage keys (fp32 leaves them
+    as they were). The process count of ``grounding run --nproc N`` is not a param: N processes train on
+    the same global batches as one (see grounding/distributed.py)."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def key_params(self) -> dict[str, str]:
+        """What enters a training stage's key: ``{}`` for fp32, else ``{"precision": ...}``."""
+        return {} if self.precision == "fp32" else {"precision": self.precision}
+
+
 class StudentsParams(_Section):
     """Students (issues 9 and 10): one sub-section per student stage. Students read teacher shard sets
     only; they never run a teacher model."""
@@ -588,6 +602,7 @@ class Params(_Section):
     paths: PathParams = PathParams()
     teachers: TeachersParams = TeachersParams()
     refclip: RefclipParams = RefclipParams()
+    train: TrainParams = TrainParams()
     students: StudentsParams = StudentsParams()
 
     def prepared_dir(self) -> Path:

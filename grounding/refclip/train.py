@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
-from grounding.artefacts import build_once
+from grounding import distributed as D
+from grounding import runtime as R
+from grounding.artefacts import build_once, is_current
 from grounding.codeset import code_version
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset
@@ -50,6 +53,18 @@ def model_config(table: AnchorTable, anchors: ShardSet | None, vocab: Sequence[s
     return RefCLIPConfig(channels=channels, fusion_hidden=rp.fusion_hidden or channels[2], **common)
 
 
+class _Embeddings(nn.Module):
+    """``forward(visual, ids) -> (anchors (B, K, H), text (B, H))``: the model's two embeddings in one
+    forward, so DDP syncs the gradients of both; the scores (Eq. 3) are taken after :func:`D.gather_cat`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, visual: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.embed_anchors(visual), self.model.embed_text(ids)
+
+
 def _loss(scores: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, rp: Any) -> torch.Tensor:
     if rp.loss == "published":
         return published_contrastive_loss(scores, mask)
@@ -58,20 +73,30 @@ def _loss(scores: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, rp: Any)
 
 def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence[int], rp: Any, *, seed: int,
                   device: torch.device, progress: bool = True, vocab: Sequence[str] | None = None,
-                  ) -> tuple[RefCLIP | RefCLIPNet, list[str], list[dict[str, float]]]:
+                  precision: str = "fp32") -> tuple[RefCLIP | RefCLIPNet, list[str], list[dict[str, float]]]:
     """Train on sentences ``texts`` whose images are ``table`` rows ``image_rows`` with the public recipe
     (:mod:`grounding.refclip.recipe`); returns the model (the EMA one when ``ema_decay`` > 0; eval mode, on
     CPU), its vocabulary (``vocab`` or built from ``texts``) and the per-epoch curve
     ``[{"epoch", "loss", "lr", "pick_stability"}]``.
 
     ``pick_stability`` is the fraction of training sentences whose best anchor is the one picked after the
-    previous epoch — a label-free convergence signal (GT boxes are never read in training)."""
+    previous epoch — a label-free convergence signal (GT boxes are never read in training).
+
+    ``precision``: ``train.precision`` (autocast on CUDA, see :mod:`grounding.runtime`). Under torchrun each
+    rank embeds its slice of every global batch (``rp.batch_size`` divides by the process count), the
+    embeddings are gathered and every rank takes the loss of the whole batch (its negatives are the global
+    batch's, as in one process); BatchNorm statistics are the global batch's. The curve is rank 0's."""
     gen = seed_everything(seed)
     vocab = list(vocab) if vocab is not None else build_vocab(texts)
     model = build_model(model_config(table, None, vocab, rp))
     if rp.word_vectors:
         model.lang_encoder.set_word_vectors(load_word_vectors(rp.word_vectors, vocab, rp.word_dim))
     model.to(device).train()
+    if D.world_size() > 1:
+        D.check_divisible(rp.batch_size, "refclip.batch_size")
+        model = D.global_batchnorm(model, device)
+    net = D.wrap_ddp(_Embeddings(model), device, find_unused=True)  # a few fusion weights get no gradient
+    scaler = R.grad_scaler(precision, device)
     ids, _ = encode(texts, vocab, rp.max_len)
     rows = torch.as_tensor(list(image_rows), dtype=torch.long)
     mask = table.mask.to(device)
@@ -82,33 +107,34 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
     curve: list[dict[str, float]] = []
     prev_pick: torch.Tensor | None = None
     epochs = range(rp.epochs)
-    if progress:
+    if progress and D.is_main():
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, desc="refclip-train", unit="epoch")
     for epoch in epochs:
         total, count = 0.0, 0
-        for b in batches(len(texts), rp.batch_size, gen):
-            r = rows[b]
-            scores = model(table.visual(r, device), ids[b].to(device))  # [M,M,K]
-            loss = _loss(scores, mask[r], r[:, None] == r[None, :], rp)
-            opt.zero_grad()
-            loss.backward()
-            if rp.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), rp.grad_clip)
-            opt.step()
+        for b in D.global_batches_usable(batches(len(texts), rp.batch_size, gen)):
+            r, mine = rows[b], torch.as_tensor(D.shard_batch(b), dtype=torch.long)
+            with R.autocast(precision, device):
+                anchors, text = net(table.visual(rows[mine], device), R.to_device(ids[mine], device))
+                scores = torch.einsum("ikh,th->tik", D.gather_cat(anchors), D.gather_cat(text))  # [M,M,K] Eq. 3
+                loss = _loss(scores.float(), mask[r], r[:, None] == r[None, :], rp)
+            clip = rp.grad_clip if rp.grad_clip > 0 else None
+            R.scaled_step(loss * D.world_size() if D.world_size() > 1 else loss, opt, scaler, model.parameters(), clip)
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
             total += loss.item() * len(b)
             count += len(b)
-        evaluated = ema.module if ema is not None else model
-        pick = best_anchor(evaluated, table, texts, rows.tolist(), vocab, device)[0]
-        stable = float((pick == prev_pick).float().mean()) if prev_pick is not None else 0.0
-        prev_pick = pick
+        stable = 0.0
+        if D.is_main():  # the curve is rank 0's: the others skip the label-free check
+            evaluated = ema.module if ema is not None else model
+            pick = best_anchor(evaluated, table, texts, rows.tolist(), vocab, device)[0]
+            stable = float((pick == prev_pick).float().mean()) if prev_pick is not None else 0.0
+            prev_pick = pick
         curve.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 6),
                       "lr": float(opt.param_groups[0]["lr"]), "pick_stability": round(stable, 4)})
-        if progress:
+        if progress and D.is_main():
             epochs.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
     final = ema.module if ema is not None else model
     return final.cpu().eval(), vocab, curve
@@ -174,7 +200,7 @@ def run_refclip_train(params: Params) -> Path:
     usable = [s for s in sents if s[1] in anchors]
     dropped = len(sents) - len(usable)
     key = stage_key("refclip-train", code_version(__name__), {"anchors": anchors.manifest.teacher},
-                    rp.model_dump(mode="json") | {"seed": params.seed},
+                    rp.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params(),
                     {"dataset": ds.fingerprint(), "anchors": anchors.manifest.stage_key,
                      "word_vectors": _vectors_id(rp.word_vectors)})
     out = model_path(params)
@@ -184,7 +210,7 @@ def run_refclip_train(params: Params) -> Path:
     vocab = build_vocab(r.text for r in ds.refs)
     counts: dict[str, int] = {}
 
-    def build(tmp: Path) -> None:
+    def build(tmp: Path | None) -> None:  # tmp None: a rank other than 0 (trains its slices, writes nothing)
         images = sorted({s[1] for s in usable})
         table = load_anchor_table(anchors, images, rp.features)
         row = table.row
@@ -196,7 +222,10 @@ def run_refclip_train(params: Params) -> Path:
                         counts["no_valid_anchor"])
         model, vocab_, curve = train_refclip(table, [s[2] for s in train], [row[s[1]] for s in train], rp,
                                              seed=params.seed, device=resolve_device(params.device),
-                                             progress=params.progress, vocab=vocab)
+                                             progress=params.progress, vocab=vocab,
+                                             precision=params.train.precision)
+        if tmp is None:
+            return
         torch.save(checkpoint(model, vocab_), tmp)
         curve_path.parent.mkdir(parents=True, exist_ok=True)
         curve_path.write_text(json.dumps(curve, indent=1) + "\n")
@@ -205,6 +234,11 @@ def run_refclip_train(params: Params) -> Path:
                   "anchors": str(anchors_dir), "anchors_key": anchors.manifest.stage_key,
                   "sentences": len(usable), "sentences_without_anchors": dropped,
                   "params": rp.model_dump(mode="json"), "seed": params.seed}
+    current = D.from_main(is_current(out, key))  # all ranks take rank 0's decision
+    if not D.is_main():
+        if not current:
+            build(None)
+        return out
     build_once(out, key, build, provenance)
     if not curve_path.exists():  # the model was current but the curve was deleted: cheap to note, not rebuild
         log.warning("%s is missing; rerun with the model removed to regenerate it", curve_path)

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grounding import distributed as D
 from grounding import imaging
+from grounding import runtime as R
 from grounding.boxes import Letterbox
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, DataError, RefRecord
 from grounding.evaluate import accuracy
 from grounding.progress import progress_bar
-from grounding.runtime import torch_threads  # noqa: F401 - re-exported for the student stages
+from grounding.runtime import torch_threads, training  # noqa: F401 - re-exported for the student stages
 from grounding.shards import FieldSpec, ShardSet
 
 log = logging.getLogger(__name__)
@@ -190,21 +192,35 @@ LossFn = Callable[[torch.nn.Module, np.ndarray, int], tuple[torch.Tensor, dict[s
 
 def fit(model: torch.nn.Module, batches_fn: Callable[[torch.Generator], list[np.ndarray]], loss_fn: LossFn, tp: Any,
         *, generator: torch.Generator, ema: torch.optim.swa_utils.AveragedModel | None = None,
-        progress: bool = False, desc: str = "student") -> list[dict[str, float]]:
+        progress: bool = False, desc: str = "student", group_of: Sequence[Any] | None = None) -> list[dict[str, float]]:
     """The shared loop: per epoch, ``batches_fn(gen)`` gives sentence-index batches; per batch a canvas size
     (random-resize when ``tp.random_resize``) and ``loss_fn(model, batch, size) -> (loss, parts)``;
     AdamW with the :func:`param_groups` learning rates, :func:`scheduler` per epoch; EMA updated after each step.
-    Returns the per-epoch curve ``[{"epoch", "loss", <parts>...}]``."""
-    opt = torch.optim.AdamW(param_groups(model, tp.lr, tp.lr_backbone, tp.weight_decay, getattr(tp, "lr_bert", None)))
+    Returns the per-epoch curve ``[{"epoch", "loss", <parts>...}]``.
+
+    Device and precision: :func:`grounding.runtime.current_training` (the model and EMA end on that device).
+    Under torchrun every rank draws the same global batches and trains on its slice (``group_of[i]``: item
+    ``i``'s image, never split across ranks; ``tp.batch_images`` must divide by the process count) with
+    DDP, global-batch BatchNorm and the loss weighted so that the step is the global batch's step."""
+    tr = R.current_training()
+    raw = R.inputs_to_device(model.to(tr.device))
+    if ema is not None:
+        R.inputs_to_device(ema.to(tr.device))
+    if D.world_size() > 1:
+        D.check_divisible(tp.batch_images, "batch_images")
+        raw = D.global_batchnorm(raw, tr.device)
+    opt = torch.optim.AdamW(param_groups(raw, tp.lr, tp.lr_backbone, tp.weight_decay, getattr(tp, "lr_bert", None)))
     sched = scheduler(opt, tp)
+    scaler = R.grad_scaler(tr.precision, tr.device)
+    net = D.wrap_ddp(raw, tr.device, find_unused=True)  # e.g. PBREC's point head leaves the box head unused
     curve: list[dict[str, float]] = []
     epochs: Any = range(tp.epochs)
-    bar = progress_bar(None, desc, unit="row", enabled=progress)  # sentences, rows/s, ETA (total: epoch 1's)
-    model.train()
+    bar = progress_bar(None, desc, unit="row", enabled=progress and D.is_main())  # sentences, rows/s, ETA
+    raw.train()
     for epoch in epochs:
         sums: dict[str, float] = {}
         count = 0
-        batches = batches_fn(generator)
+        batches = D.global_batches_usable(batches_fn(generator), group_of)
         if bar.total is None:
             bar.total = tp.epochs * sum(len(b) for b in batches)
             bar.refresh()
@@ -212,21 +228,22 @@ def fit(model: torch.nn.Module, batches_fn: Callable[[torch.Generator], list[np.
             size = tp.input_size
             if tp.random_resize:
                 size = int(tp.random_resize[int(torch.randint(len(tp.random_resize), (1,), generator=generator))])
-            loss, parts = loss_fn(model, batch, size)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            local = np.asarray(D.shard_batch(batch, group_of), dtype=np.int64)
+            with R.autocast(tr.precision, tr.device):
+                loss, parts = loss_fn(net, local, size)
+            w = D.local_weight(len(local), len(batch))
+            R.scaled_step(loss if w == 1.0 else loss * w, opt, scaler)
             if ema is not None:
-                ema.update_parameters(model)
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(batch)
+                ema.update_parameters(raw)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + D.all_reduce_mean(v, len(local)) * len(batch)
             count += len(batch)
             bar.update(len(batch))
         sched.step()
         curve.append({"epoch": epoch + 1, **{k: round(v / max(count, 1), 6) for k, v in sums.items()}})
         bar.set_postfix(epoch=epoch + 1, loss=f"{curve[-1]['loss']:.4f}")
     bar.close()
-    model.eval()
+    raw.eval()
     return curve
 
 

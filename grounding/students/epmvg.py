@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grounding import distributed as D
 from grounding.students import common as C
 from grounding.students import rec_trunk as R
 
@@ -66,7 +67,7 @@ def epmvg_loss(data: R.RecBatches, ep: Any, teacher: TeacherFn | None, clip_dim:
         x, index, _ = data.inputs(batch, size)
         b = torch.as_tensor(batch)
         out = model(x, index, data.ids[b], data.pad[b])
-        loss, parts = R.box_loss(out["box"], data.targets[b], ep.giou_weight, ep.box_l1)
+        loss, parts = R.box_loss(out["box"], data.targets[b].to(out["box"].device), ep.giou_weight, ep.box_l1)
         if teacher is not None:
             clip_v, clip_t = teacher(batch)
             sv, st = beginning_tokens(out)
@@ -111,7 +112,7 @@ def train_epmvg(data: R.RecBatches, ep: Any, seed: int, distill: bool, clip_dim:
     t = (teacher or cached_teacher(data)) if distill else None
     curve = C.fit(model, lambda g: C.image_batches(data.image_of, ep.batch_images, g),
                   epmvg_loss(data, ep, t, clip_dim), ep, generator=gen, progress=progress,
-                  desc=f"student-epmvg{'' if distill else ' (no distill)'}")
+                  desc=f"student-epmvg{'' if distill else ' (no distill)'}", group_of=data.image_of)
     return model, curve
 
 
@@ -125,24 +126,28 @@ def run_student_epmvg(params: Any) -> Path:
     ds = CanonicalDataset.load(params.prepared_dir())
     data, tok, sets = epmvg_data(params, ds, stage)
     inputs = {"clip_image": sets["image"].manifest.stage_key, "clip_text": sets["text"].manifest.stage_key}
-    sp = ep.model_dump(mode="json") | {"seed": params.seed}
-    if C.outputs_current(params, stage, __name__, ds, inputs, sp):
+    sp = ep.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params()
+    if D.from_main(C.outputs_current(params, stage, __name__, ds, inputs, sp)):  # all ranks decide as rank 0
         return params.student_dir(stage)
     clip_dim = sets["text"].fields["embedding"].shape[0]
     variants = [ep.distill] + ([not ep.distill] if ep.baseline else [])
     every = R.RecBatches(ds, ds.refs, C.Canvases(ds, ep.input_size), tok)
     results: dict[bool, list[dict[str, float]]] = {}
     curves, first = [], None
-    with C.torch_threads(ep.threads):
+    with C.torch_threads(ep.threads), C.training(params):
         for distill in variants:
             for seed in ep.seeds:
                 model, curve = train_epmvg(data, ep, seed, distill, clip_dim, progress=params.progress)
+                if not D.is_main():
+                    continue  # every rank trains (torchrun); rank 0 alone evaluates and writes
                 pred = R.predict_boxes(model, every)
                 acc, n = C.acc_per_split(pred, ds)
                 results.setdefault(distill, []).append(acc)
                 curves += [{**row, "seed": seed, "distill": distill} for row in curve]
                 if first is None:
                     first = (model, pred)
+    if not D.is_main():
+        return params.student_dir(stage)
     model, pred = first
     mpath = C.model_path(params, stage)
     R.save_checkpoint(mpath, {"state_dict": model}, R.RecConfig.from_params(ep, ds),

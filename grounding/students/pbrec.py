@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.ops import box_iou
 
+from grounding import distributed as D
 from grounding.students import common as C
 from grounding.students import rec_trunk as R
 
@@ -198,8 +199,8 @@ def pbrec_loss(data: PointData, pp: Any) -> C.LossFn:
     def loss_fn(model: nn.Module, batch: np.ndarray, size: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = torch.as_tensor(batch)
         logits = data.forward(model, batch, size)["point_logits"]  # [B,P,2]
-        keep = data.inside[b].unsqueeze(-1).float().expand_as(logits)
-        bce = F.binary_cross_entropy_with_logits(logits, data.targets[b], reduction="none") * keep
+        keep = data.inside[b].to(logits.device).unsqueeze(-1).float().expand_as(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, data.targets[b].to(logits.device), reduction="none") * keep
         per = bce.sum(dim=(0, 1)) / keep.sum(dim=(0, 1)).clamp_min(1)  # [2]
         loss = pp.centerness_weight * per[0] + pp.massness_weight * per[1]
         return loss, {"bce_centerness": float(per[0].detach()), "bce_massness": float(per[1].detach())}
@@ -214,7 +215,7 @@ def predict_points(model: PointStudent, data: PointData, pp: Any, batch_images: 
     out: dict[str, np.ndarray] = {}
     batches = C.image_batches(data.rec.image_of, batch_images, torch.Generator().manual_seed(0))
     for batch in batches:
-        scores = point_scores(data.forward(model, batch)["point_logits"], pp.score)  # [B,P]
+        scores = point_scores(data.forward(model, batch)["point_logits"], pp.score).cpu()  # [B,P]
         for row, i in enumerate(batch):
             s = scores[row].masked_fill(~data.inside[int(i)], -1.0)
             pick = iou_vote(data.boxes[int(i)], s, pp.top_k)
@@ -228,7 +229,7 @@ def train_pbrec(data: PointData, pp: Any, seed: int, *, progress: bool = False) 
     gen = seed_everything(seed)
     model = PointStudent(data.rec.tokenizer.cfg)
     curve = C.fit(model, lambda g: C.image_batches(data.rec.image_of, pp.batch_images, g), pbrec_loss(data, pp), pp,
-                  generator=gen, progress=progress, desc="student-pbrec")
+                  generator=gen, progress=progress, desc="student-pbrec", group_of=data.rec.image_of)
     return model, curve
 
 
@@ -260,8 +261,8 @@ def run_student_pbrec(params: Any) -> Path:
         raise ValueError(f"{stage}: dataset {ds.name} has no {pp.train_split!r} sentences with GT boxes")
     fcos = C.teacher_set(params, pp.points_from, sorted({r.image_id for r in ds.refs}), ds, stage)
     inputs = {"points": fcos.manifest.stage_key}
-    sp = pp.model_dump(mode="json") | {"seed": params.seed}
-    if C.outputs_current(params, stage, __name__, ds, inputs, sp):
+    sp = pp.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params()
+    if D.from_main(C.outputs_current(params, stage, __name__, ds, inputs, sp)):  # all ranks decide as rank 0
         return params.student_dir(stage)
     cfg = R.RecConfig.from_params(pp, ds)
     tok = R.Tokenizer(cfg)
@@ -270,15 +271,19 @@ def run_student_pbrec(params: Any) -> Path:
     data = PointData(R.RecBatches(ds, train, canvases, tok), fcos, with_targets=True, grid=grid)
     every = PointData(R.RecBatches(ds, ds.refs, canvases, tok), fcos, with_targets=False, grid=grid)
     runs, curves, first = [], [], None
-    with C.torch_threads(pp.threads):
+    with C.torch_threads(pp.threads), C.training(params):
         for seed in pp.seeds:
             model, curve = train_pbrec(data, pp, seed, progress=params.progress)
+            if not D.is_main():
+                continue  # every rank trains (torchrun); rank 0 alone evaluates and writes
             pred = predict_points(model, every, pp)
             acc, n = C.acc_per_split(pred, ds)
             runs.append(acc)
             curves += [{**row, "seed": seed} for row in curve]
             if first is None:
                 first = (model, pred)
+    if not D.is_main():
+        return params.student_dir(stage)
     model, pred = first
     mpath = C.model_path(params, stage)
     R.save_checkpoint(mpath, {"state_dict": model}, cfg, {"seed": pp.seeds[0]})

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from grounding import distributed as D
 from grounding.students import common as C
 from grounding.students.rec_trunk import (  # noqa: F401 - re-exported
     CLIP_BPE_VOCAB, RecConfig, REFCOCOG_NAMES, query_length, Tokenizer, _bert_module, _SlimResNet, build_backbone, _out_channels, sine_positions, PosEncoderLayer, VisualEncoder, TextEncoder, RecStudent, BOX_L1, box_loss, RecBatches, predict_boxes, state_dict_of, save_checkpoint)
@@ -42,10 +43,10 @@ def train_rec_pseudo(ds: Any, refs: Sequence[Any], pseudo: np.ndarray, rp: Any, 
 
     def loss_fn(m: nn.Module, batch: np.ndarray, size: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = data.forward(m, batch, size)
-        return box_loss(out["box"], data.targets[torch.as_tensor(batch)], rp.giou_weight, rp.box_l1)
+        return box_loss(out["box"], data.targets[torch.as_tensor(batch)].to(out["box"].device), rp.giou_weight, rp.box_l1)
 
     curve = C.fit(model, lambda g: C.image_batches(data.image_of, rp.batch_images, g), loss_fn, rp,
-                  generator=gen, ema=ema, progress=progress, desc="student-rec-pseudo")
+                  generator=gen, ema=ema, progress=progress, desc="student-rec-pseudo", group_of=data.image_of)
     ema.eval()
     return model, ema, curve, tok
 
@@ -64,13 +65,15 @@ def run_student_rec_pseudo(params: Any) -> Path:
     shards = ShardDataset({"pseudo": pseudo_set}, keys=[r.ref_id for r in train], fields={"pseudo": ["box"]})
     pseudo = np.stack([shards[i]["pseudo"]["box"].numpy() for i in range(len(shards))])  # never GT
     inputs = {"pseudo": pseudo_set.manifest.stage_key}
-    sp = rp.model_dump(mode="json") | {"seed": params.seed}
-    if C.outputs_current(params, stage, __name__, ds, inputs, sp):
+    sp = rp.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params()
+    if D.from_main(C.outputs_current(params, stage, __name__, ds, inputs, sp)):  # all ranks decide as rank 0
         return params.student_dir(stage)
     runs, curves, best = [], [], None
-    with C.torch_threads(rp.threads):
+    with C.torch_threads(rp.threads), C.training(params):
         for seed in rp.seeds:
             model, ema, curve, tok = train_rec_pseudo(ds, train, pseudo, rp, seed, progress=params.progress)
+            if not D.is_main():
+                continue  # every rank trains (torchrun); rank 0 alone evaluates and writes
             every = RecBatches(ds, ds.refs, C.Canvases(ds, rp.input_size), tok)
             acc_ema, n = C.acc_per_split(pred_ema := predict_boxes(ema, every), ds)
             acc_raw, _ = C.acc_per_split(predict_boxes(model, every), ds)
@@ -78,6 +81,8 @@ def run_student_rec_pseudo(params: Any) -> Path:
             curves.append([{**row, "seed": seed} for row in curve])
             if best is None:
                 best = (model, ema, pred_ema)
+    if not D.is_main():
+        return params.student_dir(stage)
     model, ema, pred = best
     cfg = RecConfig.from_params(rp, ds)
     mpath = C.model_path(params, stage)

@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override key=value")
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary project (its path is printed)")
+    ap.add_argument("--resume", help="a kept temporary directory whose `make demo` stopped after its stages: "
+                    "rerun the recipe there (DVC finds every stage done) and write the results; its stage seconds "
+                    "are the first attempt's, the wall seconds the first attempt's span plus the rerun")
     ap.add_argument("--collect", help=argparse.SUPPRESS)  # internal: print collect(DIR) as JSON
     args = ap.parse_args()
     if args.collect:
@@ -141,13 +144,21 @@ def main() -> None:
         return
 
     sets = [*budget_overrides(args.budget), *seed_overrides(args.seed), "progress=false", *args.sets]
-    tmp = Path(tempfile.mkdtemp(prefix="demo-time-"))
-    repo = copy_repo(tmp / "repo", sets)
-    os.symlink(Path(sys.executable).parents[1], repo / ".venv")  # the installed venv: no install step timed
-    hook = tmp / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    log = tmp / "processes.jsonl"
+    if args.resume:
+        tmp, first = Path(args.resume), Path(args.resume) / "processes.jsonl"
+        repo, hook = tmp / "repo", tmp / "hook"
+        earlier = [json.loads(ln) for ln in first.read_text().splitlines()]
+        span = max(r["start"] + r["wall_s"] for r in earlier) - min(r["start"] for r in earlier)
+        log = tmp / "processes-resume.jsonl"
+        log.unlink(missing_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="demo-time-"))
+        repo = copy_repo(tmp / "repo", sets)
+        os.symlink(Path(sys.executable).parents[1], repo / ".venv")  # the installed venv: no install step timed
+        hook = tmp / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        log, earlier, span = tmp / "processes.jsonl", [], 0.0
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{hook}", "DEMO_TIME_LOG": str(log),
            "DVC_NO_ANALYTICS": "1"}
     for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the demo as a user runs it
@@ -158,12 +169,12 @@ def main() -> None:
     t0 = time.time()
     r = subprocess.run(["make", "-o", ".venv/.installed", "demo"], cwd=repo, env=env, capture_output=True,
                        text=True)
-    wall = time.time() - t0
+    wall = time.time() - t0 + span
     load = {"start": load0, "end": loadavg(), **sampler.stop()}
     if r.returncode:
         raise SystemExit(f"make demo failed after {wall:.0f} s (kept {tmp}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    records = [json.loads(ln) for ln in log.read_text().splitlines()]
-    stages = stage_rows(records)
+    records = [*earlier, *(json.loads(ln) for ln in log.read_text().splitlines())]
+    stages = stage_rows(earlier or records)
     commands = [{"argv": [Path(r["argv"][0]).name, *r["argv"][1:3]], "wall_s": round(r["wall_s"], 1),
                  "cpu_s": round(r["cpu_s"], 1)} for r in sorted(records, key=lambda r: r["start"])
                 if "/stages/" not in r["argv"][0].replace(os.sep, "/")]
@@ -177,11 +188,13 @@ def main() -> None:
         "budget": args.budget, "seed": args.seed, "overrides": sets,
         "command": "python benchmarks/demo_time.py " + " ".join(sys.argv[1:]),
         "make_demo_wall_s": round(wall, 1),
+        "resumed": (f"the first `make demo` stopped after its stages ({span:.0f} s); rerun with --resume, "
+                    "load sampled during the rerun only") if args.resume else None,
         "stages_wall_s": round(sum(s["wall_s"] for s in stages), 1),
         "stages_cpu_s": round(sum(s["cpu_s"] for s in stages), 1),
         "load_average": load, "stages": stages, "commands": commands,
         "environment": training_environment(), **json.loads(got.stdout),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(min([t0, *(r["start"] for r in earlier)]))),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

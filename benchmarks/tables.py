@@ -30,13 +30,15 @@ Getter = Callable[[Result], Any]
 
 
 def load_results(directory: Path = RESULTS) -> dict[str, Result]:
-    """The three results files by role (``s0``, ``s1``, ``full``); a missing one is a one-line error."""
+    """The results files by role (``s0``, ``s1``, ``full``); a missing seed is a one-line error, a missing
+    full-budget file leaves its columns out (the block then says it was not measured)."""
     out = {}
     for role, name in FILES.items():
         path = directory / name
-        if not path.is_file():
+        if path.is_file():
+            out[role] = json.loads(path.read_text())
+        elif role != "full":
             raise SystemExit(f"error: {path}: missing; run `{_command(role)}`")
-        out[role] = json.loads(path.read_text())
     return out
 
 
@@ -82,22 +84,26 @@ def metric(name: str, *path: str) -> Getter:
 def cost_table(res: dict[str, Result]) -> list[str]:
     """Wall / CPU seconds of each demo, the load beside them, and per stage."""
     cols = [("`make demo`, seed 0", res["s0"]), ("`make demo`, seed 1", res["s1"]),
-            ("`make demo-full`, seed 0", res["full"])]
+            *([("`make demo-full`, seed 0", res["full"])] if "full" in res else [])]
     rows = [
         ("recipe wall seconds (after install)", lambda r: f"{r['make_demo_wall_s']:.0f}"),
         ("stages: wall / CPU seconds", lambda r: f"{r['stages_wall_s']:.0f} / {r['stages_cpu_s']:.0f}"),
         ("load average, 1 min: mean (max) over the run", lambda r: f"{r['load_average']['mean_1min']:.1f} "
                                                                    f"({r['load_average']['max_1min']:.1f})"),
         ("measured (UTC)", lambda r: r["date"]),
+        ("recipe in one go", lambda r: "no: stopped at the report, finished by `--resume`" if r.get("resumed") else "yes"),
     ]
     out = ["| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     out += [f"| {label} | " + " | ".join(get(r) for _, r in cols) + " |" for label, get in rows]
-    out += ["", "| stage | small: wall s | small: CPU s | full: wall s | full: CPU s |", "|---|---:|---:|---:|---:|"]
-    full = {s["stage"]: s for s in res["full"]["stages"]}
+    has_full = "full" in res
+    out += ["", "| stage | seed 0: wall s | seed 0: CPU s | seed 1: wall s | seed 1: CPU s |"
+            + (" full: wall s | full: CPU s |" if has_full else ""), "|---|" + "---:|" * (6 if has_full else 4)]
+    others = [{s["stage"]: s for s in res[k]["stages"]} for k in ("s1", "full") if k in res]
     for s in res["s0"]["stages"]:
-        f = full.get(s["stage"], {})
-        out.append(f"| `{s['stage']}` | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {_num(f.get('wall_s'))} | "
-                   f"{_num(f.get('cpu_s'))} |")
+        cells = [_num(s["wall_s"]), _num(s["cpu_s"])]
+        for o in others:
+            cells += [_num(o.get(s["stage"], {}).get("wall_s")), _num(o.get(s["stage"], {}).get("cpu_s"))]
+        out.append(f"| `{s['stage']}` | " + " | ".join(cells) + " |")
     return out
 
 
@@ -132,11 +138,14 @@ TEACHERS: list[tuple[str, Getter, Getter | None]] = [  # label, figure, chance (
 
 
 def teacher_table(res: dict[str, Result]) -> list[str]:
-    out = ["| figure | seed 0 / seed 1 | spread | chance | full budget (seed 0) |", "|---|---:|---:|---:|---:|"]
+    has_full = "full" in res
+    out = ["| figure | seed 0 / seed 1 | spread | chance |" + (" full budget (seed 0) |" if has_full else ""),
+           "|---|" + "---:|" * (4 if has_full else 3)]
     for label, get, chance in TEACHERS:
-        a, b, f = get(res["s0"]), get(res["s1"]), get(res["full"])
+        a, b = get(res["s0"]), get(res["s1"])
         c = fmt(chance(res["s0"]), False) if chance else "–"
-        out.append(f"| {label} | {pair(a, b, False)} | {spread(a, b, False)} | {c} | {fmt(f, False)} |")
+        full = f" {fmt(get(res['full']), False)} |" if has_full else ""
+        out.append(f"| {label} | {pair(a, b, False)} | {spread(a, b, False)} | {c} |{full}")
     return out
 
 
@@ -181,12 +190,15 @@ STUDENTS = [
 
 def split_table(res: dict[str, Result], rows: list[tuple[str, Callable[[Result, str], Any]]], pct: bool) -> list[str]:
     """Per split ``seed 0 / seed 1``, the val spread and val at the full budget."""
-    out = ["| model | " + " | ".join(SPLITS) + " | val spread | val, full budget |",
-           "|---|" + "---:|" * (len(SPLITS) + 2)]
+    has_full = "full" in res
+    out = ["| model | " + " | ".join(SPLITS) + " | val spread |" + (" val, full budget |" if has_full else ""),
+           "|---|" + "---:|" * (len(SPLITS) + (2 if has_full else 1))]
     for label, get in rows:
         cells = [pair(get(res["s0"], s), get(res["s1"], s), pct) for s in SPLITS]
-        out.append(f"| {label} | " + " | ".join(cells) + f" | {spread(get(res['s0'], 'val'), get(res['s1'], 'val'), pct)}"
-                   f" | {fmt(get(res['full'], 'val'), pct)} |")
+        cells.append(spread(get(res["s0"], "val"), get(res["s1"], "val"), pct))
+        if has_full:
+            cells.append(fmt(get(res["full"], "val"), pct))
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -197,32 +209,33 @@ def _n(res: Result) -> str:
 
 def render(res: dict[str, Result]) -> str:
     """The whole generated block, markers included."""
-    s0, full = res["s0"], res["full"]
-    small_sets = ", ".join(f"`{o}`" for o in s0["overrides"] if o != "progress=false") or "none"
+    s0, env = res["s0"], res["s0"]["environment"]
+    seed1 = ", ".join(f"`{o}`" for o in res["s1"]["overrides"] if o != "progress=false") or "nothing"
+    full = ("the last column: `make demo-full`'s budget (params.yaml + `params-full.yaml`), seed 0" if "full" in res
+            else "`make demo-full` was not measured for these files (`" + _command("full") + "`)")
     lines = [
         BEGIN,
         "<!-- generated by `python benchmarks/tables.py` from benchmarks/results/demo-*.json: do not edit by hand -->",
         "",
-        f"**What each demo costs** (`python benchmarks/demo_time.py`: the Makefile's `demo` recipe on a fresh copy "
-        f"of the project, install skipped; per stage the `python -m stages.*` process DVC ran, imports "
-        f"included; CPU = its own and its children's; {s0['environment']['cpu_count']} cores, "
-        f"{s0['environment']['processor']}, torch {s0['environment']['torch']}; `make demo-full` = "
-        f"params.yaml + `params-full.yaml`; seed 1 adds {small_sets} to `make demo`; other jobs shared the "
-        "machine, so compare CPU seconds):",
+        f"**What the demo costs** (`python benchmarks/demo_time.py`: the Makefile's `demo` recipe on a fresh copy "
+        f"of the project, install skipped; per stage the `python -m stages.*` process DVC ran, imports included; "
+        f"CPU = its own and its children's seconds; {env['cpu_count']} cores, {env['processor']}, torch "
+        f"{env['torch']}, {env['cpu_capability']}; seed 1 adds {seed1}; {full}. Other jobs shared the machine "
+        "(load average below), which inflates wall seconds, not CPU seconds):",
         "",
         *cost_table(res),
         "",
-        f"**Teachers on the synthetic default** ({s0.get('images', '?')} images; seed 0 / seed 1 of `make demo`, then `make demo-full`; from `data/metrics/` and "
-        "`python -m grounding.teachers.detectors.recall`):",
+        f"**Teachers** ({s0.get('images', '?')} synthetic images; seed 0 / seed 1 of `make demo`; `data/metrics/` and "
+        "`grounding.teachers.detectors.recall`):",
         "",
         *teacher_table(res),
         "",
-        "**RefCLIP on the cached YOLOv3 cells** (`data/metrics/refclip.json`, Acc@0.5 per split, seed 0 / seed 1):",
+        "**RefCLIP on the cached YOLOv3 cells** (`data/metrics/refclip.json`; Acc@0.5 as a fraction, seed 0 / seed 1):",
         "",
         *split_table(res, REFCLIP, pct=False),
         "",
         f"**Students** (Acc@0.5 %, seed 0 / seed 1 of `make demo`; `data/metrics/student-*.json`; n = {_n(s0)} "
-        f"sentences; full budget: `make demo-full`, {full['budget']} budget, seed {full['seed']}):",
+        "sentences for train / val / testA / testB):",
         "",
         *split_table(res, STUDENTS, pct=True),
         END,

@@ -71,7 +71,6 @@ def test_bootstrap_records_environment_outside_the_key(tmp_path: Path, monkeypat
         assert env["threads"] == 1  # read inside the bootstrap's torch_threads(teachers.clip.bootstrap.threads)
     mtime = weights.stat().st_mtime_ns
     other = {**env, "cpu_capability": "NO AVX", "threads": 64, "torch": "0.0"}
-    monkeypatch.setattr(environment, "training_environment", lambda: other)
     for mod in ("grounding.teachers.bootstrap", "grounding.teachers.clip_bootstrap"):
         monkeypatch.setattr(f"{mod}.training_environment", lambda: other)
     assert stages.run(stage, params) == weights and weights.stat().st_mtime_ns == mtime  # same key: reused

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-fast bench repro clean students-1k browser
+.PHONY: install demo demo-full test test-fast bench repro clean students-1k browser
 
 install: $(STAMP)
 
@@ -36,6 +36,16 @@ demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH dvc repro
 	PATH=$(abspath $(VENV))/bin:$$PATH dvc metrics show
 	$(VENV)/bin/grounding demo
+	$(VENV)/bin/grounding shards ls data
+	$(VENV)/bin/grounding report data -o report
+	@echo "report: $(abspath report)/index.html (open it in a browser; it needs no server)"
+
+# The same stages and exports at the full budget: params.yaml with params-full.yaml on top (more bootstrap,
+# RefCLIP and student epochs; `python -m grounding.overlay params-full.yaml` prints the overrides), run by
+# `grounding demo`, whose stage keys DVC's runs share. Its outputs go under their own dataset name
+# (synthetic-full), beside make demo's. DVC users: dvc exp run $$(python -m grounding.overlay params-full.yaml --dvc).
+demo-full: $(STAMP)
+	$(VENV)/bin/grounding demo $$($(PY) -m grounding.overlay params-full.yaml)
 	$(VENV)/bin/grounding shards ls data
 	$(VENV)/bin/grounding report data -o report
 	@echo "report: $(abspath report)/index.html (open it in a browser; it needs no server)"

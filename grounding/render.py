@@ -103,6 +103,14 @@ def gt_boxes_of_image(ds: CanonicalDataset, image_id: str) -> list[tuple[tuple[f
     return sorted(found.items())
 
 
+def _outline(x1: float, y1: float, x2: float, y2: float) -> list[float]:
+    """PIL's inclusive rectangle of box xyxy (original pixels); a box under a pixel wide or high (an
+    under-trained teacher's, or a reversed one) is drawn as a line or a point, never refused."""
+    x1, x2 = min(x1, x2), max(x1, x2)
+    y1, y2 = min(y1, y2), max(y1, y2)
+    return [x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)]
+
+
 def draw_row(shards: ShardSet, ds: CanonicalDataset, key: str, *, max_boxes: int = 50
              ) -> tuple[Image.Image, str, list[tuple[str, tuple[int, int, int]]]]:
     """The row's image with heat maps and labelled boxes drawn, its title and legend ``[(name, rgb)]``.
@@ -122,7 +130,7 @@ def draw_row(shards: ShardSet, ds: CanonicalDataset, key: str, *, max_boxes: int
         gt = gt_boxes_of_image(ds, target.image_id)
     for box, text in gt:  # GT first, so the teacher's boxes stay on top
         x1, y1, x2, y2 = box
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=GT_COLOUR, width=2)
+        draw.rectangle(_outline(x1, y1, x2, y2), outline=GT_COLOUR, width=2)
         if text:
             bbox = draw.textbbox((x1 + 3, y2 - 13), text, font=font)
             draw.rectangle([bbox[0] - 1, bbox[1] - 1, bbox[2] + 1, bbox[3] + 1], fill=GT_COLOUR)
@@ -139,7 +147,7 @@ def draw_row(shards: ShardSet, ds: CanonicalDataset, key: str, *, max_boxes: int
         boxes = row[name].reshape(-1, 4)[:max_boxes]
         for i, b in enumerate(boxes):
             x1, y1, x2, y2 = (float(v) for v in b)
-            draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=2)
+            draw.rectangle(_outline(x1, y1, x2, y2), outline=colour, width=2)
             text = _label_for(row, classes, i)
             if text:  # label on a filled tab so it stays readable over any background
                 tx, ty = x1, max(0.0, y1 - 11)

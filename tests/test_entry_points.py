@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -21,11 +22,7 @@ from typer.testing import CliRunner
 from grounding.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["anchor_probe.py", "class_probs_topk.py", "clip_throughput.py", "ddp_ablation.py", "ddp_steps.py",
-              "export_loaders.py", "gpu_check.py", "gpu_check_table.py", "incremental.py",
-              "kill_resume.py", "orchestration_overhead.py", "peers.py", "published_loaders.py", "rec_overfit.py",
-              "refclip_compare.py", "refclip_train_speed.py", "scale.py", "shard_io.py", "student_step.py", "suite.py",
-              "teacher_throughput.py", "wordnet_labels.py"]
+BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))  # every script answers --help
 PY = sys.executable
 HELP = "benchmark-help"  # row id prefix of the benchmark scripts' --help rows
 
@@ -156,5 +153,14 @@ def test_prefect_up_waits_for_health_then_down_stops_it(tmp_path: Path) -> None:
     assert not is_healthy(url)
 
 
-def test_every_benchmark_script_has_a_help_row() -> None:
-    assert BENCHMARKS == sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+def test_bad_inputs_doc_counts_follow_the_case_table() -> None:
+    """docs/bad_inputs.md's entry-point counts are this file's: cases = CASES + the Prefect up/down test, the
+    benchmark `--help` rows = BENCHMARKS, tests = CASES + this file's other tests, the groups add up."""
+    section = (ROOT / "docs" / "bad_inputs.md").read_text().split("## Entry points (issue 24)")[1].split("\n## ")[0]
+    cases = len(CASES) + 1
+    tests = len(CASES) + sum(1 for n in globals() if n.startswith("test_") and n != "test_entry_point")
+    assert f"Cases tried {cases}, caught {cases}" in section
+    assert f"({tests} tests; the {len(BENCHMARKS)} benchmark `--help` rows" in section
+    groups = re.findall(r"^\| [^|\n]+ \| (\d+) \| (\d+) \|$", section, re.M)
+    assert sum(int(t) for t, _ in groups) == cases and all(t == c for t, c in groups), groups
+    assert f"the {len(BENCHMARKS)} benchmark scripts | {len(BENCHMARKS) + 2} |" in section

@@ -32,6 +32,7 @@ from grounding.config import ConfigError, Params
 from grounding.data.gt import gt_regions
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
+from grounding.environment import training_environment
 from grounding.progress import progress_bar
 from grounding.runtime import optimizer_step, seed_everything
 from grounding.shards.keys import digest
@@ -118,6 +119,7 @@ def bootstrap(params: Params, teacher: str) -> Path:
                                   "seed": params.seed}
 
     def build(tmp: Path) -> None:
+        provenance["environment"] = training_environment()  # a record only: not in the key
         t0 = time.perf_counter()
         full = CanonicalDataset.load(params.prepared_dir())
         provenance.update(train(params, full, tmp, teacher) | {"train_seconds": round(time.perf_counter() - t0, 1)})

@@ -36,6 +36,7 @@ from grounding.codeset import code_version
 from grounding.config import ClipBootstrapParams, Params
 from grounding.data.images import ImageError, load_rgb
 from grounding.data.schema import CanonicalDataset, DataError
+from grounding.environment import training_environment
 from grounding.progress import progress_bar
 from grounding.runtime import torch_threads
 from grounding.shards.keys import digest
@@ -245,6 +246,7 @@ def bootstrap_weights(params: Params) -> Path:
         training.update(images=len(data.images), crops=len(data.crops), sentences=len(data.tokens),
                         skipped=list(data.skipped), torch_threads=torch.get_num_threads())
         provenance["training"] = training  # build_once writes the sidecar after build returns
+        provenance["environment"] = training_environment()  # inside torch_threads; a record only: not in the key
         tmp.write_bytes(state_dict_bytes(model))
 
     return build_once(path, key, build, provenance)

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from grounding.config import ClipParams, ConfigError, Params
 from grounding.data.images import ImageError, load_rgb
 from grounding.data.schema import CanonicalDataset, DataError, ImageRecord
+from grounding.overlap import Pinnable, overlapped, prefetch_loader
 from grounding.shards import FieldSpec, ShardSet, file_sha256
 from grounding.shards.manifest import ShardError
 
@@ -331,7 +332,7 @@ def class_prompt_embedding(teacher: ClipTeacher, names: Sequence[str], templates
 
 # ---- image loading in workers -------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Loaded:
+class Loaded(Pinnable):
     """One decoded item: ``index`` into the item list, the tensor (``None`` on failure) and the error."""
 
     index: int
@@ -402,23 +403,14 @@ def _collate(batch: list[Loaded]) -> list[Loaded]:
     return batch
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def iter_loaded(dataset: Dataset, *, batch_size: int, num_workers: int) -> Iterator[list[Loaded]]:
+def iter_loaded(dataset: Dataset, *, batch_size: int, num_workers: int,
+                device: torch.device | str = "cpu") -> Iterator[list[Loaded]]:
     """Batches of :class:`Loaded` items in dataset order; decoding runs in ``num_workers`` processes
     (0: in this process) and overlaps the model's forward. Inside a daemonic process (e.g. a Dask or
-    multiprocessing pool worker), which may not fork children, decoding runs in-process."""
-    import multiprocessing
-
-    if num_workers and multiprocessing.current_process().daemon:
-        log.info("daemonic process: decoding images in-process (num_workers=0)")
-        num_workers = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
-                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
-    yield from loader
+    multiprocessing pool worker), which may not fork children, decoding runs in-process; pinned memory on
+    CUDA (grounding/overlap.py)."""
+    yield from prefetch_loader(dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+                               collate_fn=_collate)
 
 
 def embed_loaded_images(teacher: ClipTeacher, batch: list[Loaded]) -> dict[int, np.ndarray | Exception]:
@@ -469,7 +461,7 @@ def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset,
 
     def rows(todo: list[str]) -> Iterator[tuple[str, Any]]:
         items = ImageItems(ds.image_root, [index[k] for k in todo], teacher.spec.preprocess)
-        for batch in iter_loaded(items, batch_size=cp.batch_size, num_workers=cp.num_workers):
+        for batch in iter_loaded(items, batch_size=cp.batch_size, num_workers=cp.num_workers, device=teacher.device):
             emb = embed_loaded_images(teacher, batch)
             for b in batch:
                 e = emb[b.index]
@@ -477,7 +469,8 @@ def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset,
 
     fields = (FieldSpec("embedding", "float16", (teacher.embed_dim,), meaning=EMBEDDING_MEANING + " of the image"),)
     return write_stage(params, stage="clip-image", modules=CLIP_MODULES, level="image", fields=fields,
-                       item_keys=[im.image_id for im in ds.images], rows=rows, stage_params={},
+                       item_keys=[im.image_id for im in ds.images], rows=lambda todo: overlapped(rows(todo)),
+                       stage_params={},
                        inputs={"dataset": ds.fingerprint()}, teacher=teacher.identity,
                        extra=_common_extra(params, teacher, ds, out), out_dir=out)
 

@@ -21,9 +21,23 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+
+def side_by_side(bare: Callable[[], float], stage: Callable[[int], float], repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats`` rounds of ``bare()`` and ``stage(round)``, side by side, the order alternating
+    (bare first in even rounds), so a load change hits both alike."""
+    t_bare, t_stage = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            t_bare.append(bare())
+            t_stage.append(stage(i))
+        else:
+            t_stage.append(stage(i))
+            t_bare.append(bare())
+    return t_bare, t_stage
 
 
 def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32, num_workers: int = 1,
@@ -75,14 +89,7 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
             shutil.rmtree(out)
             return dt
 
-        t_bare, t_stage = [], []
-        for i in range(repeats):  # side by side, the order alternating
-            if i % 2 == 0:
-                t_bare.append(bare())
-                t_stage.append(stage(i))
-            else:
-                t_stage.append(stage(i))
-                t_bare.append(bare())
+        t_bare, t_stage = side_by_side(bare, stage, repeats)
         ratios = [b / s for b, s in zip(t_bare, t_stage)]
         bare_ips = n_images * repeats / sum(t_bare)
         stage_ips = n_images * repeats / sum(t_stage)

@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset
 from grounding.runtime import resolve_device
 from grounding.teachers.detectors import TEACHERS, build_detector, letterbox_image, resolve_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clip_throughput import clip_throughput, side_by_side  # noqa: E402
 
 
 def _random_weights(params: C.Params, teacher: str, out: Path) -> Path:
@@ -95,14 +99,7 @@ def _prebuilt(det: object) -> Iterator[None]:
 def _rounds(bare: Callable[[], float], stage: Callable[[int], float], repeats: int) -> dict:
     """``repeats`` side-by-side rounds of the bare forward and the stage (seconds each; order alternated):
     per round stage/bare images/s (= bare s / stage s), their median, and the seconds."""
-    tb, ts = [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            tb.append(bare())
-            ts.append(stage(i))
-        else:
-            ts.append(stage(i))
-            tb.append(bare())
+    tb, ts = side_by_side(bare, stage, repeats)
     ratios = [b / s for b, s in zip(tb, ts)]
     return {"ratios": [round(r, 3) for r in ratios], "ratio": round(float(statistics.median(ratios)), 3),
             "bare_seconds": [round(t, 2) for t in tb], "stage_seconds": [round(t, 2) for t in ts],
@@ -154,11 +151,6 @@ def bench_detector(teacher: str, params: C.Params, random_weights: bool, workdir
 
 def bench_clip(params: C.Params, random_weights: bool, workdir: Path, repeats: int = 3, images: int = 64) -> dict:
     """``clip-image`` stage vs bare forward, ViT-B-32 random weights (see ``clip_throughput.py``)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from clip_throughput import clip_throughput
-
     r = clip_throughput(model="ViT-B-32", n_images=images, batch_size=params.teachers.clip.batch_size,
                         num_workers=params.teachers.clip.num_workers, repeats=repeats, workdir=workdir / "clip",
                         device=params.device)

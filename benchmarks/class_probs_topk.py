@@ -10,6 +10,7 @@ target ``t ∝ y · p(z|x)`` over the 100 regions (grounding.soft_targets.region
 3 random classes (often in no region's top k: the worst case) and for one that is a region's top class.
 
     python benchmarks/class_probs_topk.py [--images 20]
+    python benchmarks/class_probs_topk.py --compare DENSE_SET TOPK_SET   # two frcnn-proposals sets
 """
 
 from __future__ import annotations
@@ -70,11 +71,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_sets(dense_dir: Path, topk_dir: Path) -> dict:
+    """Two ``frcnn-proposals`` sets of the same images, one ``class_probs: dense``, one ``topk``: class-prob
+    bytes per image of each and max |p - p_dense| of the rebuilt probabilities (rows with equal boxes only:
+    both sets come from the same weights, so every row should qualify)."""
+    from grounding.shards import ShardSet
+
+    d, t = ShardSet(dense_dir), ShardSet(topk_dir)
+    n_cols = d.fields[cp.DENSE].shape[0]
+    fd, ft = cp.stored_fields(d.fields), cp.stored_fields(t.fields)
+    bytes_d = bytes_t = 0
+    err, compared = 0.0, 0
+    for k in d.keys:
+        rd, rt = d.get(k), t.get(k)
+        bytes_d += sum(rd[f].nbytes for f in fd)
+        bytes_t += sum(rt[f].nbytes for f in ft)
+        if rd["boxes"].shape == rt["boxes"].shape and np.array_equal(rd["boxes"], rt["boxes"]):
+            err = max(err, float(np.abs(cp.dense(rt, n_cols) - cp.dense(rd, n_cols)).max(initial=0.0)))
+            compared += 1
+    return {"images": len(d), "columns": n_cols, "k": t.fields[cp.TOPK_VALUES].shape[0],
+            "bytes_per_image_dense": bytes_d / len(d), "bytes_per_image_topk": bytes_t / len(d),
+            "max_abs_err_vs_dense_field": err, "rows_compared": compared}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("DENSE_SET", "TOPK_SET"),
+                    help="instead: two frcnn-proposals shard sets (dense, topk): bytes/image and max |p - p_dense|")
     ap.add_argument("--out", default="benchmarks/out/class_probs_topk.json")
     a = ap.parse_args()
+    if a.compare:
+        r = compare_sets(*a.compare)
+        print(json.dumps(r, indent=1))
+        return
     rows = measure(a.images, (8, 32, 128), (2.0, 4.0, 8.0))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")

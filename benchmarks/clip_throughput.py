@@ -17,12 +17,27 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+
+def side_by_side(bare: Callable[[], float], stage: Callable[[int], float], repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats`` rounds of ``bare()`` and ``stage(round)``, side by side, the order alternating
+    (bare first in even rounds), so a load change hits both alike."""
+    t_bare, t_stage = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            t_bare.append(bare())
+            t_stage.append(stage(i))
+        else:
+            t_stage.append(stage(i))
+            t_bare.append(bare())
+    return t_bare, t_stage
 
 
 def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32, num_workers: int = 1,
@@ -74,10 +89,8 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
             shutil.rmtree(out)
             return dt
 
-        t_bare, t_stage = [], []
-        for i in range(repeats):
-            t_bare.append(bare())
-            t_stage.append(stage(i))
+        t_bare, t_stage = side_by_side(bare, stage, repeats)
+        ratios = [b / s for b, s in zip(t_bare, t_stage)]
         bare_ips = n_images * repeats / sum(t_bare)
         stage_ips = n_images * repeats / sum(t_stage)
         return {
@@ -85,7 +98,8 @@ def clip_throughput(model: str = "ViT-B-32", n_images: int = 128, batch_size: in
             "num_workers": num_workers, "repeats": repeats, "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.processor() or platform.machine(),
             "bare_images_per_s": round(bare_ips, 2), "stage_images_per_s": round(stage_ips, 2),
-            "ratio": round(stage_ips / bare_ips, 3),
+            "ratio": round(stage_ips / bare_ips, 3), "ratios": [round(r, 3) for r in ratios],
+            "ratio_median": round(statistics.median(ratios), 3),
             "bare_seconds": [round(t, 2) for t in t_bare], "stage_seconds": [round(t, 2) for t in t_stage],
         }
     finally:

@@ -13,11 +13,14 @@ chunks, no compression: the data are random and no other peer compresses). Three
 Figures, all measured in one run, side by side (peers alternated, so machine load hits all alike):
 
 * random single-row reads/s: every field of one row at a random position, each field an array the caller
-  owns. The peers read by position; ShardSet by row id (keys resolved once, as ShardDataset does) and, as a
-  second row, by key (``ShardSet.get``: a str dict lookup per read). LitData returns views into the chunk
-  it holds in memory: copied here. The np.memmap baseline is a plain ndarray view of the map with offsets
-  as a Python list, the fastest a user can write. Best of ``--passes`` timed passes (alternating the peer
-  order) after a warm-up pass, each pass capped at ``--read-cap`` s;
+  owns, through one bound-method call per read (the arguments are prepared before the clock starts). The
+  peers read by position; ShardSet by row id (``get_row``: keys resolved once, as ShardDataset does) and, as
+  a second row, by key (``ShardSet.get``: a str dict lookup per read), measured against a second baseline
+  row, ``np.memmap (by key)``, doing the same lookup (a ``{key: position}`` dict) a user of raw memmaps
+  needs. LitData returns views into the chunk it holds in memory: copied here. The np.memmap baseline is a
+  plain ndarray view of the map with offsets as a Python list, the fastest a user can write. Best of
+  ``--passes`` timed passes (alternating the peer order) after a warm-up pass, each pass capped at
+  ``--read-cap`` s;
 * shuffled epoch rows/s through ``DataLoader(num_workers=2, batch_size=32)`` (each batch packed into one
   tensor per field in the workers, the same collate for every peer; best of ``--epochs`` alternated
   rounds): ShardSet with :class:`ShardLocalSampler`, LitData with ``shuffle=True``, webdataset with
@@ -60,6 +63,7 @@ WORKLOADS: dict[str, dict[str, tuple[str, tuple[int, ...], bool]]] = {
     "regions": {"features": ("float16", (1024,), True), "class_probs": ("float32", (1601,), True),
                 "boxes": ("float32", (4,), True)},
 }
+KEY_BASELINE, KEY_SHARDSET = "np.memmap (by key)", "ShardSet.get (by key)"
 WORKLOAD_RAGGED = {f: rg for w in WORKLOADS.values() for f, (_, _, rg) in w.items()}
 ROWS = {"fixed": 20_000, "yolo": 2_000, "regions": 200}
 ROWS_PER_SHARD = {"fixed": 4096, "yolo": 512, "regions": 64}
@@ -75,6 +79,11 @@ def make_rows(workload: str, n: int, seed: int = 0) -> list[Row]:
             row[name] = rng.random(((k,) if ragged else ()) + shape, dtype=np.float32).astype(dt)
         out.append(row)
     return out
+
+
+def key_of(i: int) -> str:
+    """The key of row ``i`` (ShardSet's keys; the ``{key: position}`` index of np.memmap (by key))."""
+    return f"img{i:07d}"
 
 
 def dir_bytes(d: Path) -> int:
@@ -112,10 +121,18 @@ class Peer:
 
     def get(self, i: int) -> Row: ...
 
+    def random_reader(self) -> tuple[Callable[[Any], Row], Callable[[int], Any]]:
+        """``(read, arg)``: the timed loop calls ``read(arg(i))`` with ``arg(i)`` prepared before the clock."""
+        return self.get, _same
+
     def loader(self, n: int, names: tuple[str, ...], seed: int) -> Iterable[Any]:
         return DataLoader(_MapDS(self, n), batch_size=32, shuffle=True, num_workers=2,
                           collate_fn=functools.partial(collate, names=names),
                           generator=torch.Generator().manual_seed(seed))
+
+
+def _same(i: int) -> int:
+    return i
 
 
 class _MapDS(Dataset):
@@ -147,7 +164,15 @@ class MemmapPeer(Peer):
             self.maps[f] = (mm.reshape(-1, *shape),
                             np.load(self.d / f"{f}.offsets.npy").tolist() if ragged else None)
 
+        mm, o = next(iter(self.maps.values()))
+        self.index = {key_of(i): i for i in range(len(mm) if o is None else len(o) - 1)}
+
     def get(self, i: int) -> Row:
+        return {f: np.array(mm[o[i]:o[i + 1]] if o is not None else mm[i]) for f, (mm, o) in self.maps.items()}
+
+    def get_by_key(self, key: str) -> Row:
+        """:meth:`get` after the ``{key: position}`` lookup a user of raw memmaps needs."""
+        i = self.index[key]
         return {f: np.array(mm[o[i]:o[i + 1]] if o is not None else mm[i]) for f, (mm, o) in self.maps.items()}
 
 
@@ -158,7 +183,7 @@ class ShardSetPeer(Peer):
         fields = tuple(FieldSpec(f, dt, shape, ragged=ragged) for f, (dt, shape, ragged) in self.spec.items())
         spec = ShardSetSpec(stage="bench", stage_key="bench", level="image", fields=fields,
                             rows_per_shard=ROWS_PER_SHARD[self.workload])
-        self.keys = [f"img{i:07d}" for i in range(len(rows))]
+        self.keys = [key_of(i) for i in range(len(rows))]
         with ShardWriter(self.d, spec, self.keys, progress=False) as w:
             for i, k in enumerate(w.todo()):
                 w.add(k, rows[i])
@@ -169,10 +194,10 @@ class ShardSetPeer(Peer):
         self.rids = [self.s.row_id(k) for k in self.keys]  # keys resolved once, as ShardDataset does
 
     def get(self, i: int) -> Row:
-        return self.s.get_row(self.rids[i], self.fields)
+        return self.s.get_row(self.rids[i])
 
-    def get_by_key(self, i: int) -> Row:
-        return self.s.get(self.keys[i], self.fields)
+    def random_reader(self) -> tuple[Callable[[Any], Row], Callable[[int], Any]]:
+        return self.s.get_row, self.rids.__getitem__  # every field, as every peer reads
 
     def loader(self, n: int, names: tuple[str, ...], seed: int) -> Iterable[Any]:
         ds = _RowIdDS(self.s, self.rids, self.fields)  # numpy rows like every peer (ShardDataset adds tensors)
@@ -360,17 +385,27 @@ def _installed(mod: str | None) -> str | None:
         return f"not installed ({type(e).__name__})"
 
 
-def timed_reads(get: Callable[[int], Row], order: np.ndarray, cap_s: float) -> float:
-    """Reads/s over ``order`` (stopping after ``cap_s`` seconds)."""
+def timed_reads(get: Callable[[Any], Row], args: list[Any], cap_s: float) -> float:
+    """Reads/s of ``get(a)`` over ``args`` (stopping after ``cap_s`` seconds)."""
     t0 = time.perf_counter()
     done = 0
-    for j in range(0, len(order), 64):
-        for i in order[j:j + 64].tolist():
-            get(i)
-        done = min(j + 64, len(order))
+    for j in range(0, len(args), 256):
+        for a in args[j:j + 256]:
+            get(a)
+        done = min(j + 256, len(args))
         if time.perf_counter() - t0 > cap_s:
             break
     return done / (time.perf_counter() - t0)
+
+
+class _KeyReader:
+    """A second row of the random-read table: the same files read by key."""
+
+    def __init__(self, name: str, read: Callable[[str], Row]) -> None:
+        self.name, self.read = name, read
+
+    def random_reader(self) -> tuple[Callable[[Any], Row], Callable[[int], Any]]:
+        return self.read, key_of
 
 
 def timed_epoch(loader: Iterable[Any], n: int, cap_s: float) -> tuple[float, int, bool]:
@@ -388,7 +423,8 @@ def timed_epoch(loader: Iterable[Any], n: int, cap_s: float) -> tuple[float, int
 
 
 def run_workload(workload: str, n: int, work: Path, reads: int, passes: int, read_cap: float, epoch_cap: float,
-                 epochs: int = 2, seed: int = 0, only: set[str] | None = None, epoch_stat: str = "best") -> dict[str, Any]:
+                 epochs: int = 2, seed: int = 0, only: set[str] | None = None, epoch_stat: str = "best",
+                 pass_reads: int = 5000) -> dict[str, Any]:
     rows = make_rows(workload, n, seed)
     payload = sum(a.nbytes for r in rows for a in r.values())
     names = tuple(WORKLOADS[workload])
@@ -414,19 +450,26 @@ def run_workload(workload: str, n: int, work: Path, reads: int, passes: int, rea
                     np.testing.assert_array_equal(np.asarray(got[f]), rows[i][f], err_msg=f"{cls.name} {f} row {i}")
         peers.append(p)
     del rows
-    order = np.random.default_rng(seed + 1).integers(0, n, size=reads)
+    order = np.random.default_rng(seed + 1).integers(0, n, size=reads).tolist()
     ra: list[Any] = [p for p in peers if p.random_access]
+    mm = next(p for p in peers if isinstance(p, MemmapPeer))
     ss = next((p for p in peers if isinstance(p, ShardSetPeer)), None)
-    if ss is not None:  # also by key: a str dict lookup per read (random keys: cache misses)
-        by_key = type("ByKey", (), {"name": "ShardSet.get (by key)", "get": staticmethod(ss.get_by_key)})()
-        ra.insert(ra.index(ss) + 1, by_key)
-        res[by_key.name] = {"version": None}
-    for p in ra:  # warm-up pass: page cache, lazy opens
-        timed_reads(p.get, order, read_cap)
+    if ss is not None:  # also by key: a str dict lookup per read (random keys: cache misses), against the same
+        ra.insert(ra.index(mm) + 1, _KeyReader(KEY_BASELINE, mm.get_by_key))  # lookup done on raw memmaps
+        ra.insert(ra.index(ss) + 1, _KeyReader(KEY_SHARDSET, ss.s.get))
+        for r in ra[1:]:
+            res.setdefault(r.name, {"version": None})
+    readers = {p.name: p.random_reader() for p in ra}
+    args = {name: [arg(i) for i in order] for name, (_, arg) in readers.items()}
+    for name, (read, _) in readers.items():  # warm-up pass: page cache, lazy opens
+        timed_reads(read, args[name], read_cap)
     best: dict[str, float] = {p.name: 0.0 for p in ra}
-    for k in range(passes):
+    per = max(1, min(pass_reads, reads))
+    for k in range(passes):  # short passes, alternated, best kept: a load spike costs a pass, not the figure
+        lo = (k * per) % max(1, reads - per + 1)
         for p in (ra if k % 2 == 0 else ra[::-1]):
-            best[p.name] = max(best[p.name], timed_reads(p.get, order, read_cap))
+            read = readers[p.name][0]
+            best[p.name] = max(best[p.name], timed_reads(read, args[p.name][lo:lo + per], read_cap))
     for p in ra:
         res[p.name]["random_reads_per_s"] = best[p.name]
     for k in range(epochs):  # best of ``epochs`` alternated rounds (epoch k uses seed + k)
@@ -451,6 +494,11 @@ def run_workload(workload: str, n: int, work: Path, reads: int, passes: int, rea
         for fig in ("random_reads_per_s", "epoch_rows_per_s", "write_MB_per_s", "bytes_on_disk"):
             if r.get(fig) and base.get(fig):
                 r[f"{fig}_vs_memmap"] = r[fig] / base[fig]
+    if KEY_SHARDSET in res:  # by key against the memmap read by key (the same lookup); the lookup's own cost
+        kb = res[KEY_BASELINE]["random_reads_per_s"]
+        res[KEY_SHARDSET]["random_reads_per_s_vs_memmap"] = res[KEY_SHARDSET]["random_reads_per_s"] / kb
+        res[KEY_BASELINE]["lookup_cost_vs_memmap"] = kb / base["random_reads_per_s"]
+        res[KEY_BASELINE]["random_reads_per_s_vs_memmap"] = 1.0
     if "ShardSet" in res:  # H19's per-shard checks: what opening the set costs with and without them
         d = work / f"{workload}-ShardSetPeer"
         t = {}
@@ -468,8 +516,10 @@ def table(r: dict[str, Any]) -> str:
             return "n/a"
         return f"{v:,.0f}{unit} ({ratio:.2f})" if ratio is not None else f"{v:,.0f}{unit}"
 
-    lines = [f"Peers benchmark ({r['machine']}); ratios to np.memmap in brackets; one run; epoch: "
-             f"{r.get('epoch_stat', 'best')} of {r.get('epochs', 1)} alternated rounds.", ""]
+    lines = [f"Peers benchmark ({r['machine']}); ratios to np.memmap in brackets (the by-key rows: to np.memmap "
+             f"(by key)); one run; random reads: best of {r.get('passes', '?')} alternated passes of "
+             f"{r.get('pass_reads', '?')} reads; epoch: {r.get('epoch_stat', 'best')} of {r.get('epochs', 1)} "
+             f"alternated rounds.", ""]
     for w, wr in r["workloads"].items():
         desc = ", ".join(f"{f} {dt} {'K x ' if rg else ''}{' x '.join(map(str, sh))}"
                          for f, (dt, sh, rg) in WORKLOADS[w].items())
@@ -482,7 +532,9 @@ def table(r: dict[str, Any]) -> str:
                 continue
             rr = ("n/a (no random access)" if p.get("random_reads_per_s") is None
                   else fmt(p["random_reads_per_s"], p.get("random_reads_per_s_vs_memmap")))
-            if "write_MB_per_s" not in p:  # a second way of reading the same files
+            if "write_MB_per_s" not in p:  # a second way of reading the same files (by key: vs np.memmap by key)
+                if "lookup_cost_vs_memmap" in p:
+                    rr += f"; {p['lookup_cost_vs_memmap']:.2f} of np.memmap by position"
                 lines.append(f"| {name} | {rr} | | | |")
                 continue
             if "epoch_error" in p:
@@ -506,9 +558,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every workload's row count")
     ap.add_argument("--workloads", default="fixed,yolo,regions")
-    ap.add_argument("--reads", type=int, default=100_000, help="random reads per pass (capped by --read-cap)")
-    ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--read-cap", type=float, default=2.0, help="seconds per read pass")
+    ap.add_argument("--reads", type=int, default=100_000, help="random positions drawn (passes take slices)")
+    ap.add_argument("--pass-reads", type=int, default=5000, help="random reads per timed pass")
+    ap.add_argument("--passes", type=int, default=20, help="timed passes per peer, alternated (best kept)")
+    ap.add_argument("--read-cap", type=float, default=0.5, help="seconds per read pass")
     ap.add_argument("--epochs", type=int, default=2, help="alternated epoch rounds (best kept)")
     ap.add_argument("--epoch-stat", choices=("best", "median"), default="best", help="of the epoch rounds")
     ap.add_argument("--only", default="", help="comma-separated peer names (np.memmap always runs), e.g. "
@@ -521,13 +574,13 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
                    f"Python {platform.python_version()}, numpy {np.__version__}, h5py {h5py.__version__}, "
                    f"torch {torch.__version__}",
-        "epoch_cap": a.epoch_cap, "epochs": a.epochs, "epoch_stat": a.epoch_stat, "read_cap": a.read_cap, "passes": a.passes, "workloads": {}}
+        "epoch_cap": a.epoch_cap, "epochs": a.epochs, "epoch_stat": a.epoch_stat, "read_cap": a.read_cap, "passes": a.passes, "pass_reads": a.pass_reads, "workloads": {}}
     try:
         for w in a.workloads.split(","):
             n = max(8, int(ROWS[w] * a.scale))
             r["workloads"][w] = run_workload(w, n, work, a.reads, a.passes, a.read_cap, a.epoch_cap, a.epochs,
                                              only=set(a.only.split(",")) if a.only else None,
-                                             epoch_stat=a.epoch_stat)
+                                             epoch_stat=a.epoch_stat, pass_reads=a.pass_reads)
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
     finally:

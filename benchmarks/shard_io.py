@@ -1,6 +1,7 @@
 """Shard I/O benchmark: write throughput, and random single-row reads of 512-d float16 rows through
-``ShardSet.get`` against a plain ``np.memmap`` of the same data and one ``.npy`` file per row, plus
-plain h5py row indexing, all measured side by side in one run. Prints a markdown table of ratios and
+``ShardSet.get`` (by key) against a plain ``np.memmap`` of the same data read by the same keys (a
+``{key: row}`` dict first, as its user needs) and one ``.npy`` file per row, plus plain h5py row indexing,
+all measured side by side in one run. Prints a markdown table of ratios and
 writes ``benchmarks/out/shard_io.json``.
 
 It also measures what the reader's trust checks cost (issue 19: per-shard schema / offsets / content key /
@@ -109,9 +110,11 @@ def bench(rows: int, reads: int, dim: int, rows_per_shard: int, per_file_rows: i
     s.get(keys[0])  # open files outside the timed loops
     h5 = [h5py.File(workdir / "shards" / sh.file, "r")["embedding"] for sh in s.manifest.shards]
 
+    index = {k: i for i, k in enumerate(keys)}  # the key -> row lookup a user of a raw memmap needs too
+
     def r_memmap() -> None:
         for i in order:
-            np.array(mm[i])
+            np.array(mm[index[keys[i]]])
 
     def r_shardset() -> None:
         for i in order:

@@ -136,3 +136,90 @@ def test_sampler_sources_agree(tmp_path: Path) -> None:
     shard = [s.locate(k)[0] for k in s.keys]
     orders = [list(ShardLocalSampler(src, buffer=4, seed=2)) for src in (ds, s, shard)]
     assert orders[0] == orders[1] == orders[2] and sorted(orders[0]) == list(range(30))
+
+
+def _h5py_row(path: Path, s: ShardSet, key: str) -> dict[str, np.ndarray]:
+    """The row of ``key`` read through h5py alone (the reference the mapped reader must equal)."""
+    import h5py
+
+    si, ri = s.locate(key)
+    out = {}
+    with h5py.File(path / s.manifest.shards[si].file, "r") as f:
+        for name, spec_ in s.fields.items():
+            if spec_.ragged:
+                lo, hi = f[name]["offsets"][ri:ri + 2]
+                out[name] = f[name]["values"][lo:hi]
+            else:
+                out[name] = f[name][ri]
+    return out
+
+
+def test_every_read_path_equals_h5py_for_fixed_and_ragged_fields(tmp_path: Path) -> None:
+    keys = write(tmp_path / "s", n=23, rps=5)
+    s = ShardSet(tmp_path / "s")
+    order = [keys[i] for i in np.random.default_rng(4).permutation(len(keys))] + [keys[0], keys[0]]
+    many, many_sel = s.get_many(order), s.get_many(order, ("label", "boxes"))
+    rows_ = s.get_rows([s.row_id(k) for k in order])
+    for j, k in enumerate(order):
+        ref = _h5py_row(tmp_path / "s", s, k)
+        for got in (s.get(k), s.get_row(s.row_id(k)), many[j], rows_[j], s[k]):
+            assert list(got) == list(s.fields)  # every field, in schema order
+            for name in s.fields:
+                assert got[name].dtype == ref[name].dtype and got[name].shape == ref[name].shape
+                np.testing.assert_array_equal(got[name], ref[name])
+        for got in (s.get(k, ["boxes"]), s.get_row(s.row_id(k), ("boxes",))):
+            assert list(got) == ["boxes"]
+            np.testing.assert_array_equal(got["boxes"], ref["boxes"])
+        assert list(many_sel[j]) == ["label", "boxes"] and many_sel[j]["label"] == ref["label"]
+    got = s.get(keys[7])  # copies: writing one changes nothing stored
+    got["embedding"][:] = 0
+    got["boxes"][:] = 0
+    np.testing.assert_array_equal(s.get(keys[7])["boxes"], row(7)["boxes"])
+    assert got["embedding"].flags.writeable and np.any(s.get(keys[7])["embedding"] != 0)
+
+
+def test_a_forked_child_reopens_its_own_maps_and_reads_the_same_rows(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    keys = write(tmp_path / "s", n=23, rps=5)
+    s = ShardSet(tmp_path / "s")
+    parent = {k: s.get(k) for k in keys}  # every shard opened and mapped in the parent
+    parent_fds = {si: f.id.get_vfd_handle() for si, f in s._files.items()}
+    assert all(h is not None for h in s._hot)
+
+    def child(q) -> None:  # noqa: ANN001
+        fresh = all(h is None for h in s._hot) and not s._files and not s._sel  # forgotten at fork
+        rows_ = {k: s.get(k) for k in keys}
+        fds = {si: f.id.get_vfd_handle() for si, f in s._files.items()}
+        q.put((fresh, {k: {n: (a.tobytes(), a.shape) for n, a in r.items()} for k, r in rows_.items()}, fds))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    fresh, rows_, fds = q.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and fresh
+    assert sorted(fds) == sorted(parent_fds)  # the child opened every shard itself
+    for k in keys:
+        for n in s.fields:
+            raw, shape = rows_[k][n]
+            assert shape == parent[k][n].shape and raw == parent[k][n].tobytes()
+    assert all(h is not None for h in s._hot)  # the parent's readers are untouched
+
+
+def test_dataloader_workers_after_a_parent_read_get_the_rows_through_get_rows(tmp_path: Path) -> None:
+    keys = write(tmp_path / "s", n=40, rps=6)
+    ds = ShardDataset({"s": tmp_path / "s"})
+    ds[0]  # the parent maps shard 0 before the workers fork
+    dl = DataLoader(ds, batch_size=5, collate_fn=ds.collate, num_workers=2,
+                    sampler=ShardLocalSampler(ds, buffer=4, seed=1))
+    seen = {}
+    for b in dl:
+        for k, boxes, emb in zip(b["key"], b["s"]["boxes"], b["s"]["embedding"]):
+            seen[k] = (boxes, emb)
+    assert sorted(seen) == keys
+    for k, (boxes, emb) in seen.items():
+        r = row(int(k[3:]))
+        torch.testing.assert_close(boxes, torch.from_numpy(r["boxes"]))
+        torch.testing.assert_close(emb, torch.from_numpy(r["embedding"].astype(np.float16)))

@@ -33,11 +33,12 @@ from grounding.shards.validate import ShardIdentity, identity, shard_problems
 
 _OPEN_SETS: "weakref.WeakSet[ShardSet]" = weakref.WeakSet()
 _SHIFT, _MASK = 32, (1 << 32) - 1  # row ids: shard index in the high bits, row in the shard in the low 32
+_Readers = tuple[tuple[str, Any, "list[int] | None"], ...]  # (field name, values, offsets or None) per field
 
 
 def _forget_handles_after_fork() -> None:
     for s in list(_OPEN_SETS):
-        s._files, s._maps, s._mapped = {}, {}, {}
+        s._drop_handles()
 
 
 os.register_at_fork(after_in_child=_forget_handles_after_fork)  # never reuse a parent's HDF5 handles
@@ -84,16 +85,24 @@ class ShardSet:
                     raise ShardError(f"{self.path}: key {k!r} appears twice")
                 self._where[k] = si << _SHIFT | ri
             self._keys.extend(keys)
+        self._field_names = tuple(self.fields)
+        self._drop_handles()
+        _OPEN_SETS.add(self)
+
+    def _drop_handles(self) -> None:
+        """Forget every open file, map and reader (closing nothing: after a fork they are the parent's)."""
         self._files: dict[int, h5py.File] = {}
         self._maps: dict[int, dict[str, tuple[Any, list[int] | None]]] = {}  # shard -> field -> (values, offsets)
         self._mapped: dict[tuple[int, str], np.ndarray | None] = {}
-        self._field_names = tuple(self.fields)
-        _OPEN_SETS.add(self)
+        # the hot path: per shard, ``(name, values, offsets)`` of every field (None until first read), and of
+        # the field selections asked for, by ``(shard, names)``
+        self._hot: list[_Readers | None] = [None] * len(self.manifest.shards)
+        self._sel: dict[tuple[int, tuple[str, ...]], _Readers] = {}
 
     # ---- pickling (DataLoader workers reopen files themselves) ----------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_files={}, _maps={}, _mapped={})
+        state.update(_files={}, _maps={}, _mapped={}, _hot=[None] * len(self.manifest.shards), _sel={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -161,7 +170,7 @@ class ShardSet:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files, self._maps, self._mapped = {}, {}, {}
+        self._drop_handles()
 
     def __enter__(self) -> "ShardSet":
         return self
@@ -197,19 +206,37 @@ class ShardSet:
         except KeyError:
             raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
 
+    def _readers(self, si: int, fields: Sequence[str] | None) -> _Readers:
+        """``(name, values, offsets)`` of ``fields`` (None: all) in shard ``si``, built once per shard, field
+        selection and process (the first read of a shard opens and checks its file)."""
+        if fields is None:
+            hot = self._hot[si]
+            if hot is None:
+                hot = self._hot[si] = tuple((n, *self._field_reader(si, n)) for n in self._field_names)
+            return hot
+        names = tuple(fields)
+        sel = self._sel.get((si, names))
+        if sel is None:
+            sel = self._sel[(si, names)] = tuple((n, *self._field_reader(si, n)) for n in names)
+        return sel
+
+    def _field_reader(self, si: int, name: str) -> tuple[Any, list[int] | None]:
+        r = self._maps.get(si, {}).get(name)
+        return r if r is not None else self._reader(si, name)
+
     def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The row of ``key`` (copies, safe to keep), restricted to ``fields`` when given."""
         try:
             rid = self._where[key]
         except KeyError:
             raise KeyError(f"key {key!r} not in shard set {self.path} ({len(self)} rows)") from None
-        si, ri = rid >> _SHIFT, rid & _MASK
-        readers = self._maps.get(si) or self._maps.setdefault(si, {})
-        out: dict[str, np.ndarray] = {}
-        for name in fields or self._field_names:  # hot path: no per-row h5py call, no per-row check
-            r = readers.get(name) or self._reader(si, name)
-            offs = r[1]
-            out[name] = r[0][ri].copy() if offs is None else r[0][offs[ri]:offs[ri + 1]].copy()
+        # hot path (issue 23): one key lookup, one list index, then a slice and a copy per field; no h5py
+        # call and no check per row (they ran when the set and the shard were opened)
+        readers = (self._hot[rid >> _SHIFT] if fields is None else None) or self._readers(rid >> _SHIFT, fields)
+        ri = rid & _MASK
+        out = {}
+        for name, vals, offs in readers:
+            out[name] = vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
         return out
 
     @staticmethod
@@ -219,25 +246,19 @@ class ShardSet:
 
     def get_row(self, row_id: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """:meth:`get` by a :meth:`row_id` (skips the key lookup; same copies)."""
-        si, ri = row_id >> _SHIFT, row_id & _MASK
-        readers = self._maps.get(si) or self._maps.setdefault(si, {})
-        out: dict[str, np.ndarray] = {}
-        for name in fields or self._field_names:
-            r = readers.get(name) or self._reader(si, name)
-            offs = r[1]
-            out[name] = r[0][ri].copy() if offs is None else r[0][offs[ri]:offs[ri + 1]].copy()
+        readers = (self._hot[row_id >> _SHIFT] if fields is None else None) or self._readers(row_id >> _SHIFT, fields)
+        ri = row_id & _MASK
+        out = {}
+        for name, vals, offs in readers:
+            out[name] = vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
         return out
 
     def __getitem__(self, key: str) -> dict[str, np.ndarray]:
         return self.get(key)
 
-    def _read(self, si: int, ri: int, name: str) -> np.ndarray:
-        vals, offs = self._maps.get(si, {}).get(name) or self._reader(si, name)
-        return vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
-
     def get_many(self, keys: Sequence[str], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
         """The rows of ``keys`` in the order given (copies), read grouped by shard and in file order within
-        each shard (readers looked up once per shard and field; forward-only page access)."""
+        each shard (readers looked up once per shard; forward-only page access)."""
         where = self._where
         try:
             rids = [where[k] for k in keys]
@@ -247,22 +268,18 @@ class ShardSet:
 
     def get_rows(self, row_ids: Sequence[int], fields: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
         """:meth:`get_many` by :meth:`row_id` s."""
-        loc = [(r >> _SHIFT, r & _MASK) for r in row_ids]
-        names = tuple(fields or self._field_names)
-        out: list[dict[str, np.ndarray]] = [{} for _ in loc]
-        order = sorted(range(len(loc)), key=loc.__getitem__)  # by shard, then by row (= file offset)
-        j = 0
-        while j < len(order):
-            si = loc[order[j]][0]
-            end = j
-            while end < len(order) and loc[order[end]][0] == si:
-                end += 1
-            for name in names:
-                vals, offs = self._maps.get(si, {}).get(name) or self._reader(si, name)
-                for i in order[j:end]:
-                    ri = loc[i][1]
-                    out[i][name] = vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
-            j = end
+        out: list[dict[str, np.ndarray]] = [{} for _ in row_ids]
+        si, readers = -1, ()
+        # a row id sorts by shard, then by row (= file offset): one sort, then each shard's readers once
+        for i in sorted(range(len(row_ids)), key=row_ids.__getitem__):
+            rid = row_ids[i]
+            if rid >> _SHIFT != si:
+                si = rid >> _SHIFT
+                readers = self._readers(si, fields)
+            ri = rid & _MASK
+            row = out[i]
+            for name, vals, offs in readers:
+                row[name] = vals[ri].copy() if offs is None else vals[offs[ri]:offs[ri + 1]].copy()
         return out
 
     def column(self, name: str) -> np.ndarray | list[np.ndarray]:

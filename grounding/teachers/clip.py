@@ -28,6 +28,7 @@ from grounding.codeset import code_version
 from grounding.config import Params
 from grounding.data.images import ImageError
 from grounding.data.schema import CanonicalDataset
+from grounding.overlap import overlapped
 from grounding.shards import FieldSpec
 from grounding.shards.manifest import ShardError
 from grounding.teachers.clip_loading import (  # noqa: F401 - re-exported
@@ -60,7 +61,7 @@ def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset,
 
     def rows(todo: list[str]) -> Iterator[tuple[str, Any]]:
         items = ImageItems(ds.image_root, [index[k] for k in todo], teacher.spec.preprocess)
-        for batch in iter_loaded(items, batch_size=cp.batch_size, num_workers=cp.num_workers):
+        for batch in iter_loaded(items, batch_size=cp.batch_size, num_workers=cp.num_workers, device=teacher.device):
             emb = embed_loaded_images(teacher, batch)
             for b in batch:
                 e = emb[b.index]
@@ -68,8 +69,8 @@ def write_clip_image(params: Params, teacher: ClipTeacher, ds: CanonicalDataset,
 
     fields = (FieldSpec("embedding", "float16", (teacher.embed_dim,), meaning=EMBEDDING_MEANING + " of the image"),)
     return write_stage(params, stage="clip-image", code=code_version(__name__), level="image", fields=fields,
-                       item_keys=[im.image_id for im in ds.images], rows=rows, stage_params={},
-                       inputs={"dataset": ds.fingerprint()}, teacher=teacher.identity,
+                       item_keys=[im.image_id for im in ds.images], rows=lambda todo: overlapped(rows(todo)),
+                       stage_params={}, inputs={"dataset": ds.fingerprint()}, teacher=teacher.identity,
                        extra=_common_extra(params, teacher, ds, out), out_dir=out)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from grounding.config import Params
 from grounding.data.images import ImageError, load_rgb
@@ -21,6 +21,7 @@ from grounding.data.schema import CanonicalDataset, DataError, ImageRecord
 from grounding.shards import ShardSet
 from grounding.shards.manifest import ShardError
 from grounding.teachers.clip_model import ClipTeacher, _cached_transform, encode_images
+from grounding.overlap import Pinnable, prefetch_loader
 
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # ---- image loading in workers -------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Loaded:
+class Loaded(Pinnable):
     """One decoded item: ``index`` into the item list, the tensor (``None`` on failure) and the error."""
 
     index: int
@@ -99,23 +100,14 @@ def _collate(batch: list[Loaded]) -> list[Loaded]:
     return batch
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def iter_loaded(dataset: Dataset, *, batch_size: int, num_workers: int) -> Iterator[list[Loaded]]:
+def iter_loaded(dataset: Dataset, *, batch_size: int, num_workers: int,
+                device: torch.device | str = "cpu") -> Iterator[list[Loaded]]:
     """Batches of :class:`Loaded` items in dataset order; decoding runs in ``num_workers`` processes
     (0: in this process) and overlaps the model's forward. Inside a daemonic process (e.g. a Dask or
-    multiprocessing pool worker), which may not fork children, decoding runs in-process."""
-    import multiprocessing
-
-    if num_workers and multiprocessing.current_process().daemon:
-        log.info("daemonic process: decoding images in-process (num_workers=0)")
-        num_workers = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
-                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
-    yield from loader
+    multiprocessing pool worker), which may not fork children, decoding runs in-process; pinned memory on
+    CUDA (grounding/overlap.py)."""
+    yield from prefetch_loader(dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+                               collate_fn=_collate)
 
 
 def embed_loaded_images(teacher: ClipTeacher, batch: list[Loaded]) -> dict[int, np.ndarray | Exception]:

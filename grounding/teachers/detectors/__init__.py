@@ -28,13 +28,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from grounding.boxes import Letterbox
 from grounding.config import Params
 from grounding.data.images import load_rgb
 from grounding.data.schema import CanonicalDataset, ImageRecord
 from grounding.imaging import IMAGENET_MEAN, IMAGENET_STD, letterbox_image  # noqa: F401 - re-exported
+from grounding.overlap import Pinnable, prefetch_loader
 from grounding.shards import FieldSpec, file_sha256
 from grounding.weights import as_state_dict, load_weights_file, read_sidecar, sidecar_meta
 
@@ -52,7 +53,7 @@ class ImageFailed(RuntimeError):
 # ---- preprocessing: letterbox_image and the ImageNet constants live in grounding.imaging (shared with the
 # students, who never import a teacher); re-exported above for existing callers.
 @dataclass(frozen=True)
-class LoadedImage:
+class LoadedImage(Pinnable):
     """One DataLoader item: position in the key list, canvas and letterbox, or the error message."""
 
     index: int
@@ -298,13 +299,12 @@ def keep_count(n: int, keep_ratio: float) -> int:
 def iter_rows(detector: Detector, ds: CanonicalDataset, keys: Sequence[str], *, batch_size: int,
               num_workers: int) -> Iterator[tuple[str, dict[str, np.ndarray] | Exception]]:
     """Yield ``(image_id, row | ImageFailed)`` for ``keys`` in order; decoding runs in ``num_workers``
-    DataLoader worker processes so the model is not starved."""
+    DataLoader worker processes so the model is not starved (grounding/overlap.py)."""
     index = ds.image_index
     data = LetterboxedImages(ds.image_root, [index[k] for k in keys], detector.input_size, detector.pad_rgb,
                              detector.letterbox_fn())
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                        pin_memory=detector.device.type == "cuda",
-                        prefetch_factor=4 if num_workers else None)
+    loader = prefetch_loader(data, batch_size=batch_size, num_workers=num_workers, device=detector.device,
+                             collate_fn=_collate)
     _ = detector.model  # build before the first batch arrives
     for batch in loader:
         good = [it for it in batch if it.error is None]

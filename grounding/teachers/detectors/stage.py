@@ -11,6 +11,7 @@ import torch
 
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset
+from grounding.overlap import overlapped
 from grounding.teachers.detectors import Detector, TEACHERS, iter_rows, resolve_weights
 
 
@@ -30,7 +31,7 @@ def run_detector_stage(params: Params, teacher: str, *, out_dir: Path | None = N
     return write_stage(
         params, stage=det.stage, code=code_version(__name__),
         level=det.level, fields=det.fields(), item_keys=[im.image_id for im in ds.images],
-        rows=lambda todo: iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
+        rows=lambda todo: overlapped(iter_rows(det, ds, todo, batch_size=cfg.batch_size, num_workers=cfg.num_workers)),
         stage_params=det.output_params(), inputs={"dataset": ds.fingerprint()}, teacher=det.identity(),
         extra=extra, out_dir=out,
     )

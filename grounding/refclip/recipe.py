@@ -55,3 +55,17 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     if decay <= 0:
         return None
     return AveragedModel(model, multi_avg_fn=_ramped_ema(decay), use_buffers=True)
+
+
+def optimiser_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                   ema: AveragedModel | None, grad_clip: float) -> None:
+    """One public training step: backward, clip the gradient norm to ``grad_clip`` (0: off), Adam step,
+    scheduler step (per batch), EMA update."""
+    opt.zero_grad()
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    if ema is not None:
+        ema.update_parameters(model)

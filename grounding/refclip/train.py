@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from grounding.data.schema import CanonicalDataset
 from grounding.refclip.anchors import MAP_FIELDS, AnchorTable, load_anchor_table
 from grounding.refclip.loss import anchor_contrastive_loss, published_contrastive_loss
 from grounding.refclip.model import RefCLIP, RefCLIPConfig, RefCLIPNet, build_model, checkpoint
-from grounding.refclip.recipe import make_ema, make_optimizer
+from grounding.refclip.recipe import make_ema, make_optimizer, optimiser_step
 from grounding.refclip.text import build_vocab, encode, load_word_vectors
 from grounding.runtime import resolve_device, seed_everything
 from grounding.shards import ShardSet, code_version, stage_key
@@ -60,6 +60,7 @@ def _loss(scores: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, rp: Any)
 
 def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence[int], rp: Any, *, seed: int,
                   device: torch.device, progress: bool = True, vocab: Sequence[str] | None = None,
+                  on_epoch: Callable[[RefCLIP | RefCLIPNet], dict[str, float]] | None = None,
                   ) -> tuple[RefCLIP | RefCLIPNet, list[str], list[dict[str, float]]]:
     """Train on sentences ``texts`` whose images are ``table`` rows ``image_rows`` with the public recipe
     (:mod:`grounding.refclip.recipe`); returns the model (the EMA one when ``ema_decay`` > 0; eval mode, on
@@ -67,7 +68,9 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
     ``[{"epoch", "loss", "lr", "pick_stability"}]``.
 
     ``pick_stability`` is the fraction of training sentences whose best anchor is the one picked after the
-    previous epoch — a label-free convergence signal (GT boxes are never read in training)."""
+    previous epoch — a label-free convergence signal (GT boxes are never read in training). ``on_epoch``
+    (diagnostics, e.g. ``benchmarks/refclip_probe.py``): called after each epoch with the model inference
+    would use (the EMA one, eval mode); its dict is added to that epoch's curve entry."""
     gen = seed_everything(seed)
     vocab = list(vocab) if vocab is not None else build_vocab(texts)
     model = build_model(model_config(table, None, vocab, rp))
@@ -94,14 +97,7 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
             r = rows[b]
             scores = model(table.visual(r, device), ids[b].to(device))  # [M,M,K]
             loss = _loss(scores, mask[r], r[:, None] == r[None, :], rp)
-            opt.zero_grad()
-            loss.backward()
-            if rp.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), rp.grad_clip)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            optimiser_step(loss, model, opt, sched, ema, rp.grad_clip)
             total += loss.item() * len(b)
             count += len(b)
         evaluated = ema.module if ema is not None else model
@@ -110,6 +106,10 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
         prev_pick = pick
         curve.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 6),
                       "lr": float(opt.param_groups[0]["lr"]), "pick_stability": round(stable, 4)})
+        if on_epoch is not None:
+            was_training = evaluated.training
+            curve[-1].update(on_epoch(evaluated.eval()))
+            evaluated.train(was_training)
         if progress:
             epochs.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
     final = ema.module if ema is not None else model

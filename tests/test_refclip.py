@@ -532,3 +532,29 @@ def test_training_with_frozen_glove_vectors(tmp_path: Path) -> None:
     emb = model.lang_encoder.embedding.weight
     assert not emb.requires_grad and model.cfg.word_vectors == str(glove) and len(curve) == 2
     assert emb[vocab.index("red")].tolist() == [1, 0, 0, 0] and emb[vocab.index("thing")].tolist() == [0, 0, 0, 0]
+
+
+def test_on_epoch_hook_sees_the_eval_model_and_leaves_training_alone() -> None:
+    from grounding.refclip.anchors import AnchorTable
+    from grounding.refclip.train import train_refclip
+
+    rp = config.load(None, ["refclip.word_dim=4", "refclip.hidden=8", "refclip.heads=2", "refclip.ff_size=16",
+                            "refclip.epochs=3", "refclip.batch_size=2", "refclip.features=p5-cells",
+                            "refclip.n_self_attention=1"]).refclip
+    n, k = 4, 3
+    table = AnchorTable([f"i{i}" for i in range(n)], "p5-cells", torch.ones(n, k, dtype=torch.bool),
+                        np.zeros((n, k, 4), np.float32), np.zeros((n, k), np.int32), np.zeros((n, k), np.float32),
+                        [np.zeros((k, 4), np.float32)] * n, features=torch.randn(n, k, 5, generator=torch.Generator().manual_seed(0)))
+    texts = ["red ball", "blue ball", "red thing", "blue"]
+    modes: list[bool] = []
+
+    def hook(model: torch.nn.Module) -> dict[str, float]:
+        modes.append(model.training)
+        return {"probe": float(len(modes))}
+
+    common = dict(seed=0, device=torch.device("cpu"), progress=False)
+    plain, _, curve0 = train_refclip(table, texts, [0, 1, 2, 3], rp, **common)
+    hooked, _, curve = train_refclip(table, texts, [0, 1, 2, 3], rp, on_epoch=hook, **common)
+    assert modes == [False, False, False] and [c["probe"] for c in curve] == [1.0, 2.0, 3.0]
+    assert [c["loss"] for c in curve] == [c["loss"] for c in curve0]  # the hook changes nothing in training
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), hooked.state_dict().values()))

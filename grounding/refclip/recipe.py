@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from grounding.runtime import scaled_step
+
 
 def wcosine_factor(step: int, lr: float, warmup_steps: int, total_steps: int, warmup_lr: float,
                    min_lr: float) -> float:
@@ -55,3 +57,14 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     if decay <= 0:
         return None
     return AveragedModel(model, multi_avg_fn=_ramped_ema(decay), use_buffers=True)
+
+
+def optimiser_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                   ema: AveragedModel | None, grad_clip: float, scaler: torch.amp.GradScaler | None = None) -> None:
+    """One public training step: backward (through ``scaler``: fp16 on CUDA), clip the gradient norm to
+    ``grad_clip`` (0: off), Adam step, scheduler step (per batch), EMA update."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    scaled_step(loss, opt, scaler, model.parameters(), grad_clip if grad_clip > 0 else None)
+    sched.step()
+    if ema is not None:
+        ema.update_parameters(model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from grounding.data.schema import CanonicalDataset
 from grounding.refclip.anchors import MAP_FIELDS, AnchorTable, load_anchor_table
 from grounding.refclip.loss import anchor_contrastive_loss, published_contrastive_loss
 from grounding.refclip.model import RefCLIP, RefCLIPConfig, RefCLIPNet, build_model, checkpoint
-from grounding.refclip.recipe import make_ema, make_optimizer
+from grounding.refclip.recipe import make_ema, make_optimizer, optimiser_step
 from grounding.refclip.text import build_vocab, encode, load_word_vectors
 from grounding.runtime import resolve_device, seed_everything
 from grounding.shards import ShardSet, stage_key
@@ -73,7 +73,8 @@ def _loss(scores: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, rp: Any)
 
 def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence[int], rp: Any, *, seed: int,
                   device: torch.device, progress: bool = True, vocab: Sequence[str] | None = None,
-                  precision: str = "fp32") -> tuple[RefCLIP | RefCLIPNet, list[str], list[dict[str, float]]]:
+                  precision: str = "fp32", on_epoch: Callable[[RefCLIP | RefCLIPNet], dict[str, float]] | None = None,
+                  ) -> tuple[RefCLIP | RefCLIPNet, list[str], list[dict[str, float]]]:
     """Train on sentences ``texts`` whose images are ``table`` rows ``image_rows`` with the public recipe
     (:mod:`grounding.refclip.recipe`); returns the model (the EMA one when ``ema_decay`` > 0; eval mode, on
     CPU), its vocabulary (``vocab`` or built from ``texts``) and the per-epoch curve
@@ -85,7 +86,10 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
     ``precision``: ``train.precision`` (autocast on CUDA, see :mod:`grounding.runtime`). Under torchrun each
     rank embeds its slice of every global batch (``rp.batch_size`` divides by the process count), the
     embeddings are gathered and every rank takes the loss of the whole batch (its negatives are the global
-    batch's, as in one process); BatchNorm statistics are the global batch's. The curve is rank 0's."""
+    batch's, as in one process); BatchNorm statistics are the global batch's. The curve is rank 0's.
+
+    ``on_epoch`` (diagnostics, e.g. ``benchmarks/refclip_probe.py``): called on rank 0 after each epoch with
+    the model inference would use (the EMA one, eval mode); its dict is added to that epoch's curve entry."""
     gen = seed_everything(seed)
     vocab = list(vocab) if vocab is not None else build_vocab(texts)
     model = build_model(model_config(table, None, vocab, rp))
@@ -119,11 +123,8 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
                 anchors, text = net(table.visual(rows[mine], device), R.to_device(ids[mine], device))
                 scores = torch.einsum("ikh,th->tik", D.gather_cat(anchors), D.gather_cat(text))  # [M,M,K] Eq. 3
                 loss = _loss(scores.float(), mask[r], r[:, None] == r[None, :], rp)
-            clip = rp.grad_clip if rp.grad_clip > 0 else None
-            R.scaled_step(loss * D.world_size() if D.world_size() > 1 else loss, opt, scaler, model.parameters(), clip)
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            optimiser_step(loss * D.world_size() if D.world_size() > 1 else loss, model, opt, sched, ema,
+                           rp.grad_clip, scaler)
             total += loss.item() * len(b)
             count += len(b)
         stable = 0.0
@@ -134,6 +135,10 @@ def train_refclip(table: AnchorTable, texts: Sequence[str], image_rows: Sequence
             prev_pick = pick
         curve.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 6),
                       "lr": float(opt.param_groups[0]["lr"]), "pick_stability": round(stable, 4)})
+        if on_epoch is not None and D.is_main():
+            was_training = evaluated.training
+            curve[-1].update(on_epoch(evaluated.eval()))
+            evaluated.train(was_training)
         if progress and D.is_main():
             epochs.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
     final = ema.module if ema is not None else model

@@ -118,7 +118,7 @@ def main() -> int:
         params = C.load(None, sets)
         stage_rows: list[dict[str, Any]] = []
         for name in stages.PIPELINE:
-            _step(stage_rows, deadline, name, lambda name=name: {"output": str(stages.run(name, params))})
+            _step(stage_rows, deadline, name, lambda name=name: {"output": str(stages.run(name, params).path)})
         tp_rows: list[dict[str, Any]] = []
         from teacher_throughput import bench_detector
 

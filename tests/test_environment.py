@@ -62,7 +62,9 @@ def test_bootstrap_records_environment_outside_the_key(tmp_path: Path, monkeypat
     """Each bootstrap's sidecar holds the environment of its training; a machine that reports another
     environment (other torch build, ISA, BLAS, threads) finds the same key and reuses the artefact."""
     params = C.from_dict(_world(tmp_path))
-    weights = stages.run(stage, params)
+    first = stages.run(stage, params)
+    weights = first.path
+    assert not first.hit
     side = json.loads(Path(str(weights) + ".json").read_text())
     env = side["provenance"]["environment"]
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["torch"] == torch.__version__
@@ -73,5 +75,6 @@ def test_bootstrap_records_environment_outside_the_key(tmp_path: Path, monkeypat
     other = {**env, "cpu_capability": "NO AVX", "threads": 64, "torch": "0.0"}
     for mod in ("grounding.teachers.bootstrap", "grounding.teachers.clip_bootstrap"):
         monkeypatch.setattr(f"{mod}.training_environment", lambda: other)
-    assert stages.run(stage, params) == weights and weights.stat().st_mtime_ns == mtime  # same key: reused
+    again = stages.run(stage, params)
+    assert again.hit and again.path == weights and weights.stat().st_mtime_ns == mtime  # same key: reused
     assert json.loads(Path(str(weights) + ".json").read_text())["key"] == side["key"]

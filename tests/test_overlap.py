@@ -88,7 +88,7 @@ def test_loader_keeps_dataset_order_with_workers_and_pins_only_on_cuda() -> None
 def test_stage_bytes_are_identical_with_and_without_the_overlap(tmp_path: Path, teacher: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from grounding import stages
-    from grounding.teachers.detectors import run_detector_stage
+    from grounding.teachers.detectors.stage import run_detector_stage
 
     base = make_params(tmp_path)
     stages.run("prepare", base)

@@ -22,7 +22,8 @@ from grounding.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["anchor_probe.py", "class_probs_topk.py", "clip_throughput.py", "export_loaders.py", "incremental.py",
-              "kill_resume.py", "orchestration_overhead.py", "peers.py", "published_loaders.py", "rec_overfit.py",
+              "kill_resume.py", "orchestration_overhead.py", "pbrec_overfit.py", "peers.py", "published_loaders.py",
+              "rec_overfit.py",
               "refclip_compare.py", "refclip_train_speed.py", "scale.py", "shard_io.py", "student_step.py", "suite.py",
               "teacher_throughput.py", "wordnet_labels.py"]
 PY = sys.executable

@@ -487,7 +487,10 @@ class PbrecParams(TrunkParams):
     (``points_from``), read one to one: the student's token grid (``input_size / visual_stride``) must be the
     P5 grid, token k scoring point k, its sine position at the point's own coordinate (the cell corner, as
     torchvision's FCOS anchor points); inference: the ``top_k`` points by score, then IoU voting.
-    Training as the paper: 15 epochs AdamW, cosine schedule, lr 1e-4, the BERT at 1e-6; queries 30 / 40."""
+    Training as the paper: 15 epochs AdamW, cosine schedule, lr 1e-4, the BERT at 1e-6 (a from-scratch
+    text encoder trains at ``lr``); queries 30 / 40. ``head_prior``: the point head's output bias starts at
+    ``logit(head_prior)`` (FCOS / RetinaNet prior init; the paper does not say), so the first steps do not go
+    into pulling every point from sigmoid 0.5 down to the ~1 % positive rate of the soft targets."""
 
     points_from: str = "fcos-points"
     train_split: str = "train"
@@ -500,6 +503,7 @@ class PbrecParams(TrunkParams):
     lr_backbone: float = Field(1e-6, ge=0)  # the paper's, for an ImageNet ResNet (random init needs more)
     lr_bert: float = Field(1e-6, ge=0)
     max_len_default: int = Field(30, ge=2)
+    head_prior: float | None = Field(0.01, gt=0, lt=1)  # point logits start at sigmoid = this; null: torch init
 
 
 class NceDistillParams(_Section):

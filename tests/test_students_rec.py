@@ -422,3 +422,34 @@ def test_bert_text_encoder_from_a_local_directory(tmp_path: Path) -> None:
     assert groups["bert"]["lr"] == 1e-5 and sum(p.numel() for p in groups["bert"]["params"]) == n_bert
     with pytest.raises(ValueError, match="bert_path"):
         R.Tokenizer(R.RecConfig(text_encoder="bert", bert_path=None))
+
+
+def test_pbrec_from_scratch_text_encoder_trains_at_lr_not_the_bert_rate() -> None:
+    """PBREC's 1e-6 is for a pre-trained BERT: a from-scratch text encoder (transformer / gru) is in the ``rest``
+    group at ``lr``; only the ResNet takes ``lr_backbone``."""
+    from grounding.students import rec as R
+
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, visual_layers=1, fusion_layers=1, heads=2,
+                      max_len=8, visual_stride=16)
+    model = P.PointStudent(cfg)
+    pp = config.PbrecParams()
+    groups = {g["name"]: g for g in C.param_groups(model, pp.lr, pp.lr_backbone, 0.0, pp.lr_bert)}
+    assert sorted(groups) == ["backbone", "rest"] and groups["rest"]["lr"] == pp.lr
+    text = {id(p) for p in model.trunk.text.parameters()}
+    assert text <= {id(p) for p in groups["rest"]["params"]}
+    assert {id(p) for p in model.trunk.backbone.parameters()} == {id(p) for p in groups["backbone"]["params"]}
+
+
+def test_pbrec_head_prior_starts_every_point_at_the_prior() -> None:
+    """FCOS prior init: bias = -log((1 - π) / π), so sigmoid(bias) = π (0.01: bias -4.595)."""
+    from grounding.students import rec as R
+
+    cfg = R.RecConfig(depth=10, width=0.25, d_model=16, text_layers=1, visual_layers=1, fusion_layers=1, heads=2,
+                      max_len=8, visual_stride=16)
+    assert config.PbrecParams().head_prior == 0.01
+    bias = P.PointStudent(cfg, head_prior=0.01).point_head[-1].bias
+    assert torch.allclose(bias, torch.full((2,), -4.59512), atol=1e-5)
+    assert torch.allclose(bias.sigmoid(), torch.full((2,), 0.01))
+    torch.manual_seed(0)
+    plain = P.PointStudent(cfg).point_head[-1].bias
+    assert float(plain.abs().max()) < 1.0  # torch's init: near sigmoid 0.5

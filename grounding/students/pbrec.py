@@ -18,6 +18,7 @@ the cached FCOS box with the largest sum of IoU with the other top-k boxes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,13 +122,16 @@ class PointStudent(nn.Module):
     """The REC trunk plus PBREC's point head: ``forward`` returns the trunk's outputs and ``point_logits``
     ``(B, P, 2)`` (center-ness, mass-ness), token ``token_index[b, k]`` for point k (one to one, no
     interpolation). The trunk's sine positions are at the cell corners (``token_origin`` 0), the FCOS points'
-    own coordinates."""
+    own coordinates. ``head_prior`` (a probability): both logits' bias starts at ``logit(head_prior)``, FCOS's
+    prior init (None: torch's default, every point at sigmoid ~0.5)."""
 
-    def __init__(self, cfg: R.RecConfig) -> None:
+    def __init__(self, cfg: R.RecConfig, head_prior: float | None = None) -> None:
         super().__init__()
         self.trunk = R.RecStudent(replace(cfg, token_origin=0.0))
         d = cfg.d_model
         self.point_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 2))
+        if head_prior is not None:  # FCOS / RetinaNet prior init: every point starts at sigmoid = head_prior
+            nn.init.constant_(self.point_head[-1].bias, -math.log((1 - head_prior) / head_prior))
 
     def forward(self, images: torch.Tensor, image_index: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor,
                 token_index: torch.Tensor) -> dict[str, Any]:
@@ -227,7 +231,7 @@ def train_pbrec(data: PointData, pp: Any, seed: int, *, progress: bool = False) 
     from grounding.runtime import seed_everything
 
     gen = seed_everything(seed)
-    model = PointStudent(data.rec.tokenizer.cfg)
+    model = PointStudent(data.rec.tokenizer.cfg, getattr(pp, "head_prior", None))
     curve = C.fit(model, lambda g: C.image_batches(data.rec.image_of, pp.batch_images, g), pbrec_loss(data, pp), pp,
                   generator=gen, progress=progress, desc="student-pbrec", group_of=data.rec.image_of)
     return model, curve

@@ -22,7 +22,12 @@ from typer.testing import CliRunner
 from grounding.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))  # every script answers --help
+BENCHMARKS = ["anchor_probe.py", "class_probs_topk.py", "clip_throughput.py", "ddp_ablation.py", "ddp_steps.py",
+              "demo_time.py", "engine_hit_path.py", "export_loaders.py", "gpu_check.py", "gpu_check_table.py",
+              "incremental.py", "kill_resume.py", "orchestration_overhead.py", "pbrec_overfit.py", "peers.py",
+              "published_loaders.py", "rec_overfit.py", "refclip_compare.py", "refclip_probe.py",
+              "refclip_train_speed.py", "scale.py", "shard_io.py", "student_step.py", "suite.py", "tables.py",
+              "teacher_throughput.py", "thread_forward_probe.py", "wordnet_labels.py"]
 PY = sys.executable
 HELP = "benchmark-help"  # row id prefix of the benchmark scripts' --help rows
 
@@ -151,6 +156,10 @@ def test_prefect_up_waits_for_health_then_down_stops_it(tmp_path: Path) -> None:
                               text=True, timeout=120)
     assert down.returncode == 0 and "stopped the Prefect server" in down.stdout, down.stdout + down.stderr
     assert not is_healthy(url)
+
+
+def test_every_benchmark_script_has_a_help_row() -> None:
+    assert BENCHMARKS == sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 
 
 def test_bad_inputs_doc_counts_follow_the_case_table() -> None:

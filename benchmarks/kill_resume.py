@@ -490,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if "KILL_RESUME_CODE" not in os.environ:  # run everything from a snapshot of the library code
         snap = Path(tempfile.mkdtemp(prefix="kill-resume-code-"))
         try:
-            shutil.copytree(ROOT / "grounding", snap / "grounding", ignore=shutil.ignore_patterns("__pycache__"))
+            for pkg in ("grounding", "stages"):  # stages/<x>.py enter the stage keys too
+                shutil.copytree(ROOT / pkg, snap / pkg, ignore=shutil.ignore_patterns("__pycache__"))
             env = {**os.environ, "KILL_RESUME_CODE": str(snap),
                    "PYTHONPATH": str(snap) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             return subprocess.call([sys.executable, str(Path(__file__).resolve()), *argv], env=env)

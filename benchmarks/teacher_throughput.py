@@ -88,7 +88,7 @@ def _random_weights(params: C.Params, teacher: str, out: Path) -> Path:
 @contextlib.contextmanager
 def _prebuilt(det: object) -> Iterator[None]:
     """``run_detector_stage`` gets ``det`` from ``build_detector`` while inside."""
-    import grounding.teachers.detectors as D
+    import grounding.teachers.detectors.stage as D
 
     real = D.build_detector
     D.build_detector = lambda *a, **k: det  # type: ignore[assignment]

@@ -68,6 +68,7 @@ class StageDef:
     outputs: tuple[Out, ...] = ()
     fan_out: bool = False
     always: Callable[[Params], bool] | None = field(default=None, compare=False)  # never current (real-data prepare)
+    partial: bool = False  # inputs may be missing (their absence is in the key): not produced under deps="missing"
 
     @property
     def module(self) -> str:
@@ -223,7 +224,8 @@ _DECLARED: tuple[StageDef, ...] = (
     StageDef("evaluate", "Acc@0.5 table of every student and its baselines (data/metrics/students.*)",
              "grounding.evaluate:run_evaluate", tuple(f"{{metrics}}/{s}.json" for s in _STUDENTS), (),
              (Out("{metrics}/students.json", "metrics", cache=False, persist=False),
-              Out("{metrics}/students.md", cache=False, persist=False))),
+              Out("{metrics}/students.md", cache=False, persist=False)),
+             partial=True),  # a student without metrics is listed under `missing`, not trained
 )
 
 STAGES: dict[str, StageDef] = {s.name: s for s in _DECLARED}
@@ -361,7 +363,7 @@ def status(name: str, params: Params) -> StageStatus:
     s = get(name)
     key, inputs = stage_key(name, params)
     missing = [t for t, fp in inputs.items() if fp is None]
-    if missing:
+    if missing and not s.partial:
         return StageStatus(name, False, f"input {resolve(missing[0], params)} is missing (run {producer(missing[0])})", key)
     if s.always is not None and s.always(params):
         return StageStatus(name, False, "always rerun (reads user files)", key)
@@ -390,7 +392,7 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
     if deps is True:
         for up in plan([name])[:-1]:
             run(up, params, deps=False)
-    elif deps == "missing":
+    elif deps == "missing" and not get(name).partial:
         for t in get(name).inputs:
             if fingerprint(_input_path(t, params)) is None:
                 run(producer(t), params, deps="missing")
@@ -399,6 +401,7 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
     s = get(name)
     st = status(name, params)
     missing = [t for t in s.inputs if fingerprint(_input_path(t, params)) is None] if st.reason.startswith("input ") else []
+    missing = [] if s.partial else missing
     if missing:
         up = producer(missing[0])
         what = "prepared dataset" if up == "prepare" else "shard set" if not Path(missing[0]).suffix else "output"

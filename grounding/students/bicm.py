@@ -229,6 +229,14 @@ class Inputs:
     keys: dict[str, str]
 
 
+def _same_clip(sets: Sequence[ShardSet]) -> None:
+    """BiCM compares crop, image, text and class-name embeddings: all from one CLIP (same embedding width)."""
+    dims = {str(s.path): s.fields["embedding"].shape[0] for s in sets}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"{STAGE}: the CLIP shard sets come from different models (embedding widths {dims}); "
+                         "rerun the clip-* stages with one teachers.clip")
+
+
 def load_inputs(params: Params, ds: CanonicalDataset, refs: Sequence[RefRecord]) -> Inputs:
     """Open and check the cached teacher outputs BiCM reads (dataset fingerprint, rows present, crops made
     from the configured proposals, every detector class embedded)."""
@@ -251,6 +259,7 @@ def load_inputs(params: Params, ds: CanonicalDataset, refs: Sequence[RefRecord])
     classes = detector_classes(proposals)
     cls_path = params.teacher_dir("clip-classes")
     cls_set = ShardSet(cls_path)
+    _same_clip([crops_set, image_set, text_set, cls_set])
     missing = [c for c in classes if c not in cls_set]
     if missing:
         raise ValueError(f"{STAGE}: clip-classes at {cls_path} has no embedding for detector classes {missing}")

@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_refclip import MS_SETS, _darknet_anchors  # noqa: E402
 from test_students_rec import _params as _student_params  # noqa: E402
 from test_students_rec import _stand_in_teachers  # noqa: E402
+from test_students_weak import make_params as _weak_params  # noqa: E402
+from test_students_weak import write_teachers as _weak_teachers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-4  # weights after training, 2 processes vs 1 (float summation order only)
@@ -49,6 +51,9 @@ SOFTMAX_SHIFT_BIASES = ("linear_vs.bias", "lang_encoder.att_flat.mlp.linear.bias
 RTOL = 1e-4  # per-epoch mean losses
 REC_SETS = ["students.rec.epochs=2", "students.rec.batch_images=2", "students.rec.dropout=0",
             "students.rec.random_resize=[32,64]", "students.rec.ema_decay=0.9"]
+#: NCE+Distill forks distill / λ = 0 after lambda_step steps (both variants compared); 16 training images,
+#: batches of 8 captions (4 a rank); BiCM's KAM batches of 64 candidate rows (32 a rank, global BatchNorm)
+WEAK_SETS = ["students.nce_distill.steps=12", "students.nce_distill.lambda_step=4", "students.bicm.kam_epochs=3"]
 REFCLIP_SETS = [*MS_SETS, "refclip.epochs=3", "refclip.batch_size=16", "refclip.dropout=0",
                 "dataset.synthetic.n_images=24"]
 
@@ -136,7 +141,7 @@ def _guard_writes(root: str) -> None:
     h5py.File.__init__ = h5
 
 
-def _worker(rank: int, world: int, port: int, stage: str, p: config.Params, root: str) -> None:
+def _worker(rank: int, world: int, port: int, stage: str | tuple[str, ...], p: config.Params, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -144,7 +149,8 @@ def _worker(rank: int, world: int, port: int, stage: str, p: config.Params, root
     if rank != 0:
         _guard_writes(root)
     try:
-        R.run_on_ranks(stage, lambda: stages.run(stage, p))
+        for name in (stage,) if isinstance(stage, str) else stage:
+            R.run_on_ranks(name, lambda: stages.run(name, p))
     finally:
         D.shutdown()
 
@@ -153,9 +159,12 @@ def _outputs(base: Path, tag: str) -> list[str]:
     return [f"paths.{k}={base}/{tag}/{k}" for k in ("students", "models", "metrics")]
 
 
-def _same_weights(a: Path, b: Path, key: str, skip: tuple[str, ...] = ()) -> float:
-    """Largest ``|w2 - w1|`` over the floating tensors of two checkpoints (``skip``: names left out)."""
+def _same_weights(a: Path, b: Path, key: str, skip: tuple[str, ...] = (), sub: str | None = None) -> float:
+    """Largest ``|w2 - w1|`` over the floating tensors of two checkpoints' ``[key]`` (``[key][sub]`` when
+    ``sub`` is given; ``skip``: names left out)."""
     sa, sb = (torch.load(p, weights_only=True)[key] for p in (a, b))
+    if sub is not None:
+        sa, sb = sa[sub], sb[sub]
     assert sa.keys() == sb.keys()
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa
                if sa[k].is_floating_point() and k not in skip)
@@ -223,3 +232,27 @@ def test_refclip_train_via_grounding_run_nproc_2_matches_one(tmp_path: Path) -> 
     _close_curves(*(tmp_path / t / "metrics" / "refclip-train-curve.json" for t in ("one", "two")))
     assert not list((tmp_path / "two").rglob("*.tmp-*"))
     assert np.isfinite(json.loads((tmp_path / "two" / "metrics" / "refclip-train-curve.json").read_text())[-1]["loss"])
+
+
+@pytest.mark.slow
+def test_nce_distill_and_bicm_on_two_processes_match_one(tmp_path: Path) -> None:
+    """student-nce-distill (in-batch negatives over the gathered global batch) and student-bicm (KAM MLP,
+    global BatchNorm), 2 gloo processes vs 1 with the same global batches; rank 1 writes nothing."""
+    base = _weak_params(tmp_path / "base", *WEAK_SETS)
+    stages.run("prepare", base)
+    _weak_teachers(base)
+    weak = ("student-nce-distill", "student-bicm")
+    one, two = (_weak_params(tmp_path / "base", *WEAK_SETS, *_outputs(tmp_path, t)) for t in ("one", "two"))
+    for stage in weak:
+        stages.run(stage, one)
+    mp.spawn(_worker, args=(2, _free_port(), weak, two, str(tmp_path)), nprocs=2, join=True)
+    for stage, key, subs in (("student-nce-distill", "states", ("distill", "no_distill")), ("student-bicm", "state", (None,))):
+        m1, m2 = (json.loads((tmp_path / t / "metrics" / f"{stage}.json").read_text()) for t in ("one", "two"))
+        assert m1["acc50"] == m2["acc50"] and m1.get("no_distill") == m2.get("no_distill")
+        _close_curves(*(tmp_path / t / "metrics" / f"{stage}-curve.json" for t in ("one", "two")))
+        for sub in subs:
+            diff = _same_weights(C.model_path(one, stage), C.model_path(two, stage), key, sub=sub)
+            print(f"{stage} {sub or key}: max |w2 - w1| = {diff:.2e}")
+            assert diff < ATOL
+        s1, s2 = (ShardSet(tmp_path / t / "students" / stage / one.dataset.name) for t in ("one", "two"))
+        assert s1.manifest.stage_key == s2.manifest.stage_key

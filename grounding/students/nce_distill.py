@@ -302,7 +302,7 @@ def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, 
     schedule = batch_schedule(len(caps.rows), np_.batch_size, np_.steps, gen)
     shared = min(np_.lambda_step, len(schedule))
     bar = None
-    if progress:
+    if progress and D.is_main():  # rank 0 alone shows progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=shared + len(variants) * (len(schedule) - shared), desc=STAGE, unit="step")

@@ -245,7 +245,8 @@ def batch_schedule(n: int, batch_size: int, steps: int, generator: torch.Generat
     while len(out) < steps:
         epoch += 1
         perm = torch.randperm(n, generator=generator).numpy()
-        out.extend((epoch, perm[lo:lo + batch_size]) for lo in range(0, n, batch_size) if n - lo >= max(2, D.world_size()))
+        least = max(2, D.world_size())
+        out.extend((epoch, perm[lo:lo + batch_size]) for lo in range(0, n, batch_size) if n - lo >= least)
     return out[:steps]
 
 

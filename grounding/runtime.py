@@ -175,7 +175,8 @@ def inputs_to_device(model: torch.nn.Module) -> torch.nn.Module:
 # ---- stages under torchrun ---------------------------------------------------------------------------------
 #: stages whose training is data-parallel (every rank trains on its slice; rank 0 writes); any other
 #: stage runs on rank 0 alone while the others wait (teacher caches, bootstraps, evaluate, ...)
-DATA_PARALLEL_STAGES = frozenset({"refclip-train", "student-rec-pseudo", "student-epmvg", "student-pbrec"})
+DATA_PARALLEL_STAGES = frozenset({"refclip-train", "student-rec-pseudo", "student-epmvg", "student-pbrec",
+                                  "student-nce-distill", "student-bicm"})
 
 
 def run_on_ranks(name: str, run: Callable[[], T]) -> T | None:

@@ -412,7 +412,10 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
         log.info("%s: up to date at %s (key %s)", name, rec["path"], st.key[:12])  # type: ignore[index]
         return StageResult(Path(rec["path"]), st.key, True)  # type: ignore[arg-type]
     out = Path(_compute(s)(params))
-    if not in_part():  # a fan-out part writes some shards only; the commit run records the stage
+    from grounding import distributed as D
+
+    # a fan-out part writes some shards only; the commit run records the stage; under torchrun rank 0 alone
+    if not in_part() and D.is_main():
         _write_record(s, params, st.key, out)  # type: ignore[arg-type]
     return StageResult(out, st.key, False)  # type: ignore[arg-type]
 

@@ -1,12 +1,12 @@
 """Data-parallel training (issue 25): the per-rank batch slices, global-batch BatchNorm, precision settings,
-and 2-process gloo runs of ``student-rec-pseudo`` and ``refclip-train`` against 1-process runs with the
-same global batch.
+and 2-process gloo runs of ``student-rec-pseudo``, ``refclip-train``, ``student-nce-distill`` and
+``student-bicm`` against 1-process runs with the same global batch.
 
 Why the 2-process runs match (and within what): every rank draws the same global batches (same seed and
 generator calls) and trains on its slice; DDP *averages* the ranks' gradients, and the loss of each rank
 is weighted (``world * n_local / n_global``, :func:`grounding.distributed.local_weight`) so that the
-average is the gradient of the global batch mean; RefCLIP's contrastive loss is taken on the gathered
-embeddings of the whole batch (its negatives are the global batch's); BatchNorm statistics are the global
+average is the gradient of the global batch mean; RefCLIP's contrastive loss and NCE+Distill's losses are
+taken on the gathered embeddings of the whole batch (their negatives are the global batch's); BatchNorm statistics are the global
 batch's (:class:`grounding.distributed.GlobalBatchNorm`: gloo has no SyncBatchNorm); dropout is 0 here
 (torch's dropout masks are drawn per rank, not per sample). What is left is float reduction order (sums
 split across ranks, E[x²]-E[x]² for the BN variance), so the test allows ``ATOL`` on weights and ``RTOL``
@@ -33,12 +33,15 @@ from grounding import distributed as D
 from grounding import runtime as R
 from grounding.data.schema import CanonicalDataset
 from grounding.shards import ShardSet
+from grounding.students import bicm as B
 from grounding.students import common as C
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_refclip import MS_SETS, _darknet_anchors  # noqa: E402
 from test_students_rec import _params as _student_params  # noqa: E402
 from test_students_rec import _stand_in_teachers  # noqa: E402
+from test_students_weak import make_params as _weak_params  # noqa: E402
+from test_students_weak import write_teachers as _weak_teachers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-4  # weights after training, 2 processes vs 1 (float summation order only)
@@ -46,9 +49,16 @@ ATOL = 2e-4  # weights after training, 2 processes vs 1 (float summation order o
 #: shifts all logits of a softmax alike): their gradient is rounding noise, which Adam scales up to steps
 #: of about lr, so they differ by ~lr between any two summation orders; every other weight agrees to ~1e-7
 SOFTMAX_SHIFT_BIASES = ("linear_vs.bias", "lang_encoder.att_flat.mlp.linear.bias")
+#: BiCM's KAM MLP: the biases of the Linear layers before its BatchNorms (BatchNorm subtracts the batch mean,
+#: so their exact gradient is 0 and Adam turns rounding noise into steps, as SOFTMAX_SHIFT_BIASES) and the
+#: running means that follow them
+KAM_BN_SHIFT = ("net.0.bias", "net.3.bias", "net.1.running_mean", "net.4.running_mean")
 RTOL = 1e-4  # per-epoch mean losses
 REC_SETS = ["students.rec.epochs=2", "students.rec.batch_images=2", "students.rec.dropout=0",
             "students.rec.random_resize=[32,64]", "students.rec.ema_decay=0.9"]
+#: NCE+Distill forks distill / λ = 0 after lambda_step steps (both variants compared); 16 training images,
+#: batches of 8 captions (4 a rank); BiCM's KAM batches of 64 candidate rows (32 a rank, global BatchNorm)
+WEAK_SETS = ["students.nce_distill.steps=12", "students.nce_distill.lambda_step=4", "students.bicm.kam_epochs=3"]
 REFCLIP_SETS = [*MS_SETS, "refclip.epochs=3", "refclip.batch_size=16", "refclip.dropout=0",
                 "dataset.synthetic.n_images=24"]
 
@@ -136,7 +146,7 @@ def _guard_writes(root: str) -> None:
     h5py.File.__init__ = h5
 
 
-def _worker(rank: int, world: int, port: int, stage: str, p: config.Params, root: str) -> None:
+def _worker(rank: int, world: int, port: int, stage: str | tuple[str, ...], p: config.Params, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -144,7 +154,8 @@ def _worker(rank: int, world: int, port: int, stage: str, p: config.Params, root
     if rank != 0:
         _guard_writes(root)
     try:
-        R.run_on_ranks(stage, lambda: stages.run(stage, p))
+        for name in (stage,) if isinstance(stage, str) else stage:
+            R.run_on_ranks(name, lambda: stages.run(name, p))
     finally:
         D.shutdown()
 
@@ -153,9 +164,12 @@ def _outputs(base: Path, tag: str) -> list[str]:
     return [f"paths.{k}={base}/{tag}/{k}" for k in ("students", "models", "metrics")]
 
 
-def _same_weights(a: Path, b: Path, key: str, skip: tuple[str, ...] = ()) -> float:
-    """Largest ``|w2 - w1|`` over the floating tensors of two checkpoints (``skip``: names left out)."""
+def _same_weights(a: Path, b: Path, key: str, skip: tuple[str, ...] = (), sub: str | None = None) -> float:
+    """Largest ``|w2 - w1|`` over the floating tensors of two checkpoints' ``[key]`` (``[key][sub]`` when
+    ``sub`` is given; ``skip``: names left out)."""
     sa, sb = (torch.load(p, weights_only=True)[key] for p in (a, b))
+    if sub is not None:
+        sa, sb = sa[sub], sb[sub]
     assert sa.keys() == sb.keys()
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa
                if sa[k].is_floating_point() and k not in skip)
@@ -223,3 +237,62 @@ def test_refclip_train_via_grounding_run_nproc_2_matches_one(tmp_path: Path) -> 
     _close_curves(*(tmp_path / t / "metrics" / "refclip-train-curve.json" for t in ("one", "two")))
     assert not list((tmp_path / "two").rglob("*.tmp-*"))
     assert np.isfinite(json.loads((tmp_path / "two" / "metrics" / "refclip-train-curve.json").read_text())[-1]["loss"])
+
+
+def _kam_rows(p: config.Params) -> torch.Tensor:
+    """The KAM MLP's input rows of every sentence's candidates (what student-bicm scores with it)."""
+    ds = CanonicalDataset.load(p.prepared_dir())
+    inp = B.load_inputs(p, ds, ds.refs)
+    cands = B.score_all(inp, ds, ds.refs)
+    return torch.from_numpy(np.concatenate([B.kam_features(inp.image_emb[r.image_id], inp.crops[r.image_id], inp.class_emb,
+                                                           inp.text_emb[r.ref_id], cands[r.ref_id]) for r in ds.refs]))
+
+
+def _kam_weights_differ(a: Path, b: Path, x: torch.Tensor) -> float:
+    """Largest ``|w2 - w1|`` of two KAM checkpoints outside the directions the training loss cannot see
+    (:data:`KAM_BN_SHIFT`, and the first layer's weights on input columns constant over ``x``: each acts as
+    one more bias before a BatchNorm)."""
+    sa, sb = (torch.load(p, weights_only=True)["state"] for p in (a, b))
+    varying = x.std(dim=0) > 0
+    sa["net.0.weight"], sb["net.0.weight"] = sa["net.0.weight"][:, varying], sb["net.0.weight"][:, varying]
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa
+               if sa[k].is_floating_point() and k not in KAM_BN_SHIFT)
+
+
+@pytest.mark.slow
+def test_nce_distill_and_bicm_on_two_processes_match_one(tmp_path: Path) -> None:
+    """student-nce-distill (in-batch negatives over the gathered global batch) and student-bicm (KAM MLP,
+    global BatchNorm), 2 gloo processes vs 1 with the same global batches; rank 1 writes nothing."""
+    base = _weak_params(tmp_path / "base", *WEAK_SETS)
+    stages.run("prepare", base)
+    _weak_teachers(base)
+    weak = ("student-nce-distill", "student-bicm")
+    one, two = (_weak_params(tmp_path / "base", *WEAK_SETS, *_outputs(tmp_path, t)) for t in ("one", "two"))
+    for stage in weak:
+        stages.run(stage, one)
+    mp.spawn(_worker, args=(2, _free_port(), weak, two, str(tmp_path)), nprocs=2, join=True)
+    for stage in weak:
+        m1, m2 = (json.loads((tmp_path / t / "metrics" / f"{stage}.json").read_text()) for t in ("one", "two"))
+        for k in ("acc50", "no_distill", "com", "com+qam", "com+qam+kam"):  # the ablation rows too
+            assert m1.get(k) == m2.get(k), k
+        _close_curves(*(tmp_path / t / "metrics" / f"{stage}-curve.json" for t in ("one", "two")))
+        s1, s2 = (ShardSet(tmp_path / t / "students" / stage / one.dataset.name) for t in ("one", "two"))
+        assert s1.manifest.stage_key == s2.manifest.stage_key
+    paths = {stage: (C.model_path(one, stage), C.model_path(two, stage)) for stage in weak}
+    for sub in ("distill", "no_distill"):
+        diff = _same_weights(*paths["student-nce-distill"], "states", sub=sub)
+        print(f"student-nce-distill {sub}: max |w2 - w1| = {diff:.2e}")
+        assert diff < ATOL
+    x = _kam_rows(base)
+    diff = _kam_weights_differ(*paths["student-bicm"], x)
+    scores = []
+    for path in paths["student-bicm"]:
+        ck = torch.load(path, weights_only=True)
+        kam = B.KamMLP(ck["dim"], ck["hidden"])
+        kam.load_state_dict(ck["state"])
+        with torch.no_grad():
+            scores.append(kam.eval()(x))
+    print(f"student-bicm KAM: max |w2 - w1| = {diff:.2e} (BatchNorm-shift directions left out), with them "
+          f"{_same_weights(*paths['student-bicm'], 'state'):.2e}; KAM scores max |s2 - s1| = "
+          f"{float((scores[1] - scores[0]).abs().max()):.2e}")
+    assert diff < ATOL

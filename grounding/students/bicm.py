@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grounding.artefacts import build_once
+from grounding import distributed as D
+from grounding import runtime as R
+from grounding.artefacts import build_once, is_current
 from grounding.codeset import code_version
 from grounding.boxes import box_iou
 from grounding.config import Params
@@ -51,6 +53,7 @@ from grounding.students.common import (
     model_path,
     teacher_set,
     torch_threads,
+    training,
     write_json,
     write_metrics,
     write_predictions,
@@ -183,27 +186,35 @@ def train_kam(x: np.ndarray, y: np.ndarray, bp: Any, *, seed: int,
               progress: bool = False) -> tuple[KamMLP, list[dict[str, float]], float]:
     """BCE training of :class:`KamMLP` on candidate rows ``x`` ``(N, 4D)`` with 0/1 targets ``y``; Adam
     ``kam_lr``, ``kam_epochs`` epochs of seeded batches. Returns the model (eval mode), the per-epoch
-    curve and the throughput (candidate rows per second)."""
+    curve and the throughput (candidate rows per second).
+
+    Device: :func:`grounding.runtime.current_training` (fp32). Under torchrun every rank draws the same
+    batches and trains on its slice of each with DDP, global-batch BatchNorm and the loss weighted so that
+    the step is the global batch's (:func:`grounding.distributed.local_weight`); the curve is the global one."""
     gen = seed_everything(seed)
-    model = KamMLP(x.shape[1] // 4, bp.kam_hidden)
+    device = R.current_training().device
+    model = D.global_batchnorm(KamMLP(x.shape[1] // 4, bp.kam_hidden).to(device), device)
     opt = torch.optim.Adam(model.parameters(), lr=bp.kam_lr)
+    net = D.wrap_ddp(R.inputs_to_device(model.net), device)  # net(x)[:, 0]: the logits (every weight is in .net)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     curve: list[dict[str, float]] = []
     seen, t0 = 0, time.perf_counter()
-    bar = progress_bar(bp.kam_epochs * len(xt), f"{STAGE} KAM", unit="row", enabled=progress)
+    bar = progress_bar(bp.kam_epochs * len(xt), f"{STAGE} KAM", unit="row", enabled=progress and D.is_main())
     model.train()
     for epoch in range(bp.kam_epochs):
         perm = torch.randperm(len(xt), generator=gen)
         total, count = 0.0, 0
         for lo in range(0, len(xt), bp.kam_batch_size):
             b = perm[lo:lo + bp.kam_batch_size]
-            if len(b) < 2:  # BatchNorm needs two rows
+            if len(b) < max(2, D.world_size()):  # BatchNorm needs two rows; every rank one at least
                 continue
-            loss = F.binary_cross_entropy_with_logits(model.logits(xt[b]), yt[b])
+            mine = torch.as_tensor(D.shard_batch(b), dtype=torch.long)
+            loss = F.binary_cross_entropy_with_logits(net(xt[mine])[:, 0], yt[mine].to(device))
+            w = D.local_weight(len(mine), len(b))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if w == 1.0 else loss * w).backward()
             opt.step()
-            total += float(loss.detach()) * len(b)
+            total += D.all_reduce_mean(loss, len(mine)) * len(b)
             count += len(b)
             seen += len(b)
         bar.update(len(xt))  # the epoch's rows (a last single row is skipped, not left uncounted)
@@ -212,7 +223,7 @@ def train_kam(x: np.ndarray, y: np.ndarray, bp: Any, *, seed: int,
         if progress and (epoch + 1) % 10 == 0:
             log.info("%s KAM epoch %d loss %.4f", STAGE, epoch + 1, curve[-1]["loss"])
     bar.close()
-    return model.eval(), curve, seen / max(time.perf_counter() - t0, 1e-9)
+    return model.cpu().eval(), curve, seen / max(time.perf_counter() - t0, 1e-9)
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
@@ -385,7 +396,8 @@ def run_student_bicm(params: Params) -> Path:
     mpath = model_path(params, STAGE)
     dim = inp.class_emb.shape[1]
 
-    def build(tmp: Path) -> None:
+    def build(tmp: Path | None) -> None:
+        """Train KAM (every rank); write the checkpoint to ``tmp`` (rank 0; ``None`` on the others)."""
         xs, ys = [], []
         for pr in pseudo:
             c = pr.cand
@@ -394,12 +406,19 @@ def run_student_bicm(params: Params) -> Path:
             ys.append(box_iou(c.boxes, c.boxes[pr.j][None])[:, 0] >= bp.kam_pos_iou)
         if not xs:
             raise ValueError(f"{STAGE}: no KAM pseudo label above thr_k={bp.thr_k}; lower students.bicm.thr_k")
-        with torch_threads(bp.threads):
+        with torch_threads(bp.threads), training(params):
             model, curve, speed = train_kam(np.concatenate(xs), np.concatenate(ys), bp, seed=params.seed,
                                             progress=params.progress)
+        if tmp is None:
+            return
         torch.save({"dim": dim, "hidden": bp.kam_hidden, "state": model.state_dict(), "curve": curve}, tmp)
         write_json(timing_path(mpath), {"throughput_samples_per_s": round(speed, 2)})
 
+    current = D.from_main(is_current(mpath, key))  # all ranks take rank 0's decision
+    if not D.is_main():  # every rank trains (torchrun); rank 0 alone evaluates and writes
+        if not current:
+            build(None)
+        return params.student_dir(STAGE)
     build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": inp.keys,
                                    "pseudo_labels": len(pseudo)})
     from grounding.errors import load_weights

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from grounding.artefacts import build_once
+from grounding import distributed as D
+from grounding import runtime as R
+from grounding.artefacts import build_once, is_current
 from grounding.codeset import code_version
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
@@ -52,6 +54,7 @@ from grounding.students.common import (
     model_path,
     teacher_set,
     torch_threads,
+    training,
     write_json,
     write_metrics,
     write_predictions,
@@ -135,6 +138,12 @@ class NceDistill(nn.Module):
         self.lstm = nn.LSTM(cfg.word_dim, cfg.hidden, num_layers=cfg.lstm_layers, batch_first=True)
         self.phrase = _two_fc(cfg.hidden, e)
 
+    def forward(self, feats: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, R, F)`` region features and ``(B, P, L)`` phrase token ids → ``(B, R, E)`` f(x) and
+        ``(B, P, E)`` g(y): both branches in one call (so DDP syncs the gradients of both)."""
+        b, p, length = ids.shape
+        return self.embed_regions(feats), self.embed_phrases(ids.reshape(b * p, length)).reshape(b, p, -1)
+
     def embed_regions(self, feats: torch.Tensor) -> torch.Tensor:
         """``(..., F)`` region features → ``(..., E)`` unit vectors f(x)."""
         return F.normalize(self.region(feats), dim=-1)
@@ -199,22 +208,28 @@ def batch_targets(caps: Captions, regions: Regions, batch: np.ndarray) -> tuple[
     return t, valid & caps.phrase_mask[batch]
 
 
-def losses(model: NceDistill, caps: Captions, regions: Regions, batch: np.ndarray,
+def losses(model: nn.Module, caps: Captions, regions: Regions, batch: np.ndarray,
            tau: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(L_IS, L_RP, number of phrases with a target)`` of one batch of captions."""
+    """``(L_IS, L_RP, number of phrases with a target)`` of one batch of captions. ``model``: a
+    :class:`NceDistill` (or its DDP wrapper). Under torchrun this rank embeds its slice of ``batch``
+    (:func:`grounding.distributed.shard_batch`) and the embeddings of all ranks are gathered, so the losses
+    are the whole batch's (its in-batch negatives too), as in one process; the gradient flows through this
+    rank's slice only (scale the loss by the process count for DDP's gradient mean to be the batch's)."""
+    mine = np.asarray(D.shard_batch(batch), dtype=np.int64)
+    f, g = model(regions.features[torch.from_numpy(caps.rows[mine])], caps.ids[mine])  # [b,R,E], [b,P,E]
+    f, g = D.gather_cat(f), D.gather_cat(g)  # [B,R,E], [B,P,E] in batch order (the slices are contiguous)
+    dev = f.device
     rows = torch.from_numpy(caps.rows[batch])
-    f = model.embed_regions(regions.features[rows])  # [B,R,E]
-    rmask = torch.from_numpy(regions.mask)[rows]  # [B,R]
-    b, p, length = caps.ids[batch].shape
-    g = model.embed_phrases(caps.ids[batch].reshape(b * p, length)).reshape(b, p, -1)  # [B,P,E]
-    pmask = caps.phrase_mask[batch]  # [B,P]
+    rmask = torch.from_numpy(regions.mask)[rows].to(dev)  # [B,R]
+    b = len(batch)
+    pmask = caps.phrase_mask[batch].to(dev)  # [B,P]
     s = torch.einsum("jre,ipe->ijpr", f, g)  # caption i, image j, phrase p, region r
     s = s.masked_fill(~rmask[None, :, None, :], float("-inf"))
     big_s = (s.amax(dim=-1) * pmask[:, None, :]).sum(dim=-1)  # [B captions, B images]
-    l_is = F.cross_entropy(big_s / tau, torch.arange(b))
+    l_is = F.cross_entropy(big_s / tau, torch.arange(b, device=dev))
     own = s[torch.arange(b), torch.arange(b)]  # [B,P,R]
     logq = F.log_softmax(own / tau, dim=-1).masked_fill(~rmask[:, None, :], 0.0)
-    target, valid = batch_targets(caps, regions, batch)
+    target, valid = (t.to(dev) for t in batch_targets(caps, regions, batch))
     per = -(target * logq).sum(dim=-1)  # [B,P]
     n_valid = int(valid.sum())
     l_rp = (per * valid).sum() / b  # eq. 4: summed over the caption's phrases; mean over the batch's captions
@@ -223,13 +238,15 @@ def losses(model: NceDistill, caps: Captions, regions: Regions, batch: np.ndarra
 
 def batch_schedule(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[tuple[int, np.ndarray]]:
     """``steps`` batches ``(epoch, caption indices)``: seeded shuffles of ``range(n)`` cut into batches
-    (a last batch of fewer than two captions is dropped: it has no negative)."""
+    (a last batch of fewer than two captions is dropped: it has no negative; under torchrun one of fewer
+    captions than processes too, so that every rank has a slice)."""
     out: list[tuple[int, np.ndarray]] = []
     epoch = 0
     while len(out) < steps:
         epoch += 1
         perm = torch.randperm(n, generator=generator).numpy()
-        out.extend((epoch, perm[lo:lo + batch_size]) for lo in range(0, n, batch_size) if n - lo >= 2)
+        least = max(2, D.world_size())
+        out.extend((epoch, perm[lo:lo + batch_size]) for lo in range(0, n, batch_size) if n - lo >= least)
     return out[:steps]
 
 
@@ -239,13 +256,14 @@ def _steps(model: NceDistill, opt: torch.optim.Optimizer, caps: Captions, region
     """Optimizer steps ``start .. stop-1`` of ``schedule``, appending ``(epoch, step, λ, batch size, loss,
     L_IS, L_RP)`` to ``records``."""
     model.train()
+    net = D.wrap_ddp(R.inputs_to_device(model), R.device_of(model))
     for step in range(start, stop):
         epoch, batch = schedule[step]
         lam = staircase(step, np_.lambda_step, np_.lambda_max) if distill else 0.0
-        l_is, l_rp, _ = losses(model, caps, regions, batch, np_.temperature)
+        l_is, l_rp, _ = losses(net, caps, regions, batch, np_.temperature)
         loss = l_is + lam * l_rp
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * D.world_size() if D.world_size() > 1 else loss).backward()  # gather_cat: see losses()
         opt.step()
         records.append((epoch, step + 1, lam, len(batch), float(loss.detach()), float(l_is.detach()),
                         float(l_rp.detach())))
@@ -272,17 +290,20 @@ def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, 
     staircase is 0 (the first ``lambda_step`` steps), so that prefix is trained once and forked (model and
     optimizer state): the result equals two separate runs. Returns per variant the model (eval mode), the
     curve (one point per epoch) and the throughput in captions/s (the shared prefix counted in full).
+    Device: :func:`grounding.runtime.current_training` (fp32). Under torchrun every rank draws the same
+    batches and embeds its slice of each; the losses are the whole batch's (see :func:`losses`).
     ``word_vectors``: fixed GloVe rows of the vocabulary (see :func:`load_glove`)."""
     unknown = set(variants) - {"distill", "no_distill"}
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}")
     gen = seed_everything(seed)
-    model = NceDistill(cfg, word_vectors)
+    device = R.current_training().device
+    model = NceDistill(cfg, word_vectors).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=np_.lr)
     schedule = batch_schedule(len(caps.rows), np_.batch_size, np_.steps, gen)
     shared = min(np_.lambda_step, len(schedule))
     bar = None
-    if progress:
+    if progress and D.is_main():  # rank 0 alone shows progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=shared + len(variants) * (len(schedule) - shared), desc=STAGE, unit="step")
@@ -292,7 +313,7 @@ def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, 
     t_shared = time.perf_counter() - t0
     out = {}
     for name in variants:
-        m = NceDistill(cfg, word_vectors)
+        m = NceDistill(cfg, word_vectors).to(device)
         m.load_state_dict(model.state_dict())
         o = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=np_.lr)
         o.load_state_dict(copy.deepcopy(opt.state_dict()))  # Adam's moments are updated in place
@@ -300,7 +321,7 @@ def train(caps: Captions, regions: Regions, cfg: NceDistillConfig, np_: Any, *, 
         t1 = time.perf_counter()
         _steps(m, o, caps, regions, schedule, shared, len(schedule), np_, name == "distill", records, bar)
         seconds = t_shared + time.perf_counter() - t1
-        out[name] = (m.eval(), _curve(records), sum(r[3] for r in records) / max(seconds, 1e-9))
+        out[name] = (m.cpu().eval(), _curve(records), sum(r[3] for r in records) / max(seconds, 1e-9))
     if bar is not None:
         bar.close()
     return out
@@ -361,20 +382,28 @@ def run_student_nce_distill(params: Params) -> Path:
         glove, found = load_glove(np_.glove_path, vocab, np_.word_dim)
         log.info("%s: %d of %d vocabulary words in %s", STAGE, found, len(vocab), np_.glove_path)
 
-    def build(tmp: Path) -> None:
+    def build(tmp: Path | None) -> None:
+        """Train (every rank); write the checkpoint to ``tmp`` (rank 0; ``None`` on the others)."""
         caps = build_captions(train_refs, regions, soft_labels(labels_set, [r.ref_id for r in train_refs],
                                                                regions.classes), vocab, np_.max_len)
         variants = ("distill", "no_distill") if np_.no_distill else ("distill",)
-        with torch_threads(np_.threads):
+        with torch_threads(np_.threads), training(params):
             trained = train(caps, regions, cfg, np_, seed=params.seed, variants=variants, progress=params.progress,
                             word_vectors=glove)
         states = {k: v[0].state_dict() for k, v in trained.items()}
         curves = {k: v[1] for k, v in trained.items()}
         speed = {k: v[2] for k, v in trained.items()}
+        if tmp is None:
+            return
         torch.save({"config": asdict(cfg), "vocab": list(vocab), "states": states, "curves": curves}, tmp)
         write_json(timing_path(mpath), {"throughput_samples_per_s": round(speed["distill"], 2),
                                         "throughput_no_distill_samples_per_s": round(speed.get("no_distill", 0.0), 2)})
 
+    current = D.from_main(is_current(mpath, key))  # all ranks take rank 0's decision
+    if not D.is_main():  # every rank trains (torchrun); rank 0 alone evaluates and writes
+        if not current:
+            build(None)
+        return params.student_dir(STAGE)
     build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": {
         "proposals": proposals.manifest.stage_key, "labels": labels_set.manifest.stage_key}})
     from grounding.errors import load_weights

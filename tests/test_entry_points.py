@@ -23,11 +23,11 @@ from grounding.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["anchor_probe.py", "class_probs_topk.py", "clip_throughput.py", "ddp_ablation.py", "ddp_steps.py",
-              "demo_time.py", "engine_hit_path.py", "export_loaders.py", "gpu_check.py", "gpu_check_table.py",
-              "incremental.py", "kill_resume.py", "orchestration_overhead.py", "pbrec_overfit.py", "peers.py",
-              "published_loaders.py", "rec_overfit.py", "refclip_compare.py", "refclip_probe.py",
-              "refclip_train_speed.py", "scale.py", "shard_io.py", "student_step.py", "suite.py", "tables.py",
-              "teacher_throughput.py", "thread_forward_probe.py", "wordnet_labels.py"]
+              "demo_time.py", "dvc_noop.py", "engine_hit_path.py", "export_loaders.py", "gpu_check.py",
+              "gpu_check_table.py", "incremental.py", "kill_resume.py", "orchestration_overhead.py",
+              "pbrec_overfit.py", "peers.py", "published_loaders.py", "rec_overfit.py", "refclip_compare.py",
+              "refclip_probe.py", "refclip_train_speed.py", "scale.py", "shard_io.py", "student_step.py",
+              "suite.py", "tables.py", "teacher_throughput.py", "thread_forward_probe.py", "wordnet_labels.py"]
 PY = sys.executable
 HELP = "benchmark-help"  # row id prefix of the benchmark scripts' --help rows
 

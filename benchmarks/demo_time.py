@@ -23,6 +23,7 @@ the bootstraps' sidecar provenance. ``benchmarks/tables.py`` builds the README's
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -187,6 +188,8 @@ def main() -> None:
     result = {
         "budget": args.budget, "seed": args.seed, "overrides": sets,
         "command": "python benchmarks/demo_time.py " + " ".join(sys.argv[1:]),
+        # the checkout's params.yaml before the overrides: results of one budget share it (benchmarks/tables.py)
+        "params_sha256": hashlib.sha256((Path(__file__).resolve().parents[1] / "params.yaml").read_bytes()).hexdigest(),
         "make_demo_wall_s": round(wall, 1),
         "resumed": (f"the first `make demo` stopped after its stages ({span:.0f} s); rerun with --resume, "
                     "load sampled during the rerun only") if args.resume else None,

@@ -29,16 +29,34 @@ Result = dict[str, Any]
 Getter = Callable[[Result], Any]
 
 
+def budget_of(r: Result) -> dict[str, Any]:
+    """The training lengths a results file records (bootstrap epochs / CLIP steps, the length of each training
+    curve) and, where recorded, the sha256 of the params.yaml it ran: two files of one budget agree on them."""
+    b, m = r.get("bootstraps", {}), r.get("metrics", {})
+    return {"params_sha256": r.get("params_sha256"), "clip_steps": dig(b, "clip", "training", "steps"),
+            **{t: dig(b, t, "epochs") for t in ("frcnn", "fcos", "yolo")},
+            **{c: len(m.get(f"{c}-curve.json") or []) for c in
+               ("refclip-train", "student-rec-pseudo", "student-epmvg", "student-pbrec", "student-nce-distill",
+                "student-bicm")}}
+
+
 def load_results(directory: Path = RESULTS) -> dict[str, Result]:
-    """The results files by role (``s0``, ``s1``, ``full``); a missing seed is a one-line error, a missing
-    full-budget file leaves its columns out (the block then says it was not measured)."""
+    """The results files by role (``s0``, ``s1``, ``full``); a missing seed 0 is a one-line error; a missing
+    seed 1, or one of another budget than seed 0's (:func:`budget_of`), becomes ``{"unmeasured": why}``, whose
+    cells are dashes; a missing full-budget file leaves its columns out (the block then says it was not
+    measured)."""
     out = {}
     for role, name in FILES.items():
         path = directory / name
         if path.is_file():
             out[role] = json.loads(path.read_text())
-        elif role != "full":
+        elif role == "s0":
             raise SystemExit(f"error: {path}: missing; run `{_command(role)}`")
+        elif role == "s1":
+            out[role] = {"unmeasured": f"`{name}` is missing"}
+    a, b = budget_of(out["s0"]), budget_of(out["s1"])
+    if "unmeasured" not in out["s1"] and any(a[k] != b[k] for k in a if k != "params_sha256" or a[k] and b[k]):
+        out["s1"] = {"unmeasured": f"`{FILES['s1']}` is of another budget than seed 0's"}
     return out
 
 
@@ -85,7 +103,7 @@ def cost_table(res: dict[str, Result]) -> list[str]:
     """Wall / CPU seconds of each demo, the load beside them, and per stage."""
     cols = [("`make demo`, seed 0", res["s0"]), ("`make demo`, seed 1", res["s1"]),
             *([("`make demo-full`, seed 0", res["full"])] if "full" in res else [])]
-    rows = [
+    rows: list[tuple[str, Callable[[Result], str]]] = [
         ("recipe wall seconds (after install)", lambda r: f"{r['make_demo_wall_s']:.0f}"),
         ("stages: wall / CPU seconds", lambda r: f"{r['stages_wall_s']:.0f} / {r['stages_cpu_s']:.0f}"),
         ("load average, 1 min: mean (max) over the run", lambda r: f"{r['load_average']['mean_1min']:.1f} "
@@ -94,11 +112,12 @@ def cost_table(res: dict[str, Result]) -> list[str]:
         ("recipe in one go", lambda r: "no: stopped at the report, finished by `--resume`" if r.get("resumed") else "yes"),
     ]
     out = ["| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
-    out += [f"| {label} | " + " | ".join(get(r) for _, r in cols) + " |" for label, get in rows]
+    out += [f"| {label} | " + " | ".join("–" if "unmeasured" in r else get(r) for _, r in cols) + " |"
+            for label, get in rows]
     has_full = "full" in res
     out += ["", "| stage | seed 0: wall s | seed 0: CPU s | seed 1: wall s | seed 1: CPU s |"
             + (" full: wall s | full: CPU s |" if has_full else ""), "|---|" + "---:|" * (6 if has_full else 4)]
-    others = [{s["stage"]: s for s in res[k]["stages"]} for k in ("s1", "full") if k in res]
+    others = [{s["stage"]: s for s in res[k].get("stages", [])} for k in ("s1", "full") if k in res]
     for s in res["s0"]["stages"]:
         cells = [_num(s["wall_s"]), _num(s["cpu_s"])]
         for o in others:
@@ -118,7 +137,7 @@ def _recall(stage: str, split: str = "val") -> Getter:
 
 
 def _wordnet(key: str) -> Getter:
-    return lambda r: dig(r.get("metrics", {}), f"wordnet-labels/{r['dataset']}.json", key)
+    return lambda r: dig(r.get("metrics", {}), f"wordnet-labels/{r.get('dataset')}.json", key)
 
 
 TEACHERS: list[tuple[str, Getter, Getter | None]] = [  # label, figure, chance (or None)
@@ -210,7 +229,11 @@ def _n(res: Result) -> str:
 def render(res: dict[str, Result]) -> str:
     """The whole generated block, markers included."""
     s0, env = res["s0"], res["s0"]["environment"]
-    seed1 = ", ".join(f"`{o}`" for o in res["s1"]["overrides"] if o != "progress=false") or "nothing"
+    if "unmeasured" in res["s1"]:
+        seed1 = (f"not measured for this budget ({res['s1']['unmeasured']}: its columns are dashes; "
+                 f"`{_command('s1')}`)")
+    else:
+        seed1 = "adds " + (", ".join(f"`{o}`" for o in res["s1"]["overrides"] if o != "progress=false") or "nothing")
     full = ("the last column: `make demo-full`'s budget (params.yaml + `params-full.yaml`), seed 0" if "full" in res
             else "`make demo-full` was not measured for these files (`" + _command("full") + "`)")
     lines = [
@@ -220,7 +243,7 @@ def render(res: dict[str, Result]) -> str:
         f"**What the demo costs** (`python benchmarks/demo_time.py`: the Makefile's `demo` recipe on a fresh copy "
         f"of the project, install skipped; per stage the `python -m stages.*` process DVC ran, imports included; "
         f"CPU = its own and its children's seconds; {env['cpu_count']} cores, {env['processor']}, torch "
-        f"{env['torch']}, {env['cpu_capability']}; seed 1 adds {seed1}; {full}. Other jobs shared the machine "
+        f"{env['torch']}, {env['cpu_capability']}; seed 1 {seed1}; {full}. Other jobs shared the machine "
         "(load average below), which inflates wall seconds, not CPU seconds):",
         "",
         *cost_table(res),

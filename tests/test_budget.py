@@ -45,10 +45,11 @@ def test_full_overlay_only_raises_the_budget() -> None:
             node = node[k]
         assert yaml.safe_load(value) != node, f"params-full.yaml: {key} equals params.yaml's value"
     assert full.dataset.name != small.dataset.name  # the two demos' outputs side by side
-    pairs = [(small.teachers.frcnn.bootstrap.epochs, full.teachers.frcnn.bootstrap.epochs),
+    pairs = [(small.teachers.clip.max_crops_per_image, full.teachers.clip.max_crops_per_image),
              (small.teachers.yolo.bootstrap.epochs, full.teachers.yolo.bootstrap.epochs),
              (small.teachers.clip.bootstrap.steps, full.teachers.clip.bootstrap.steps),
              (small.refclip.epochs, full.refclip.epochs), (small.students.rec.epochs, full.students.rec.epochs),
+             (small.students.pbrec.epochs, full.students.pbrec.epochs),
              (small.students.nce_distill.steps, full.students.nce_distill.steps)]
     assert all(s < f for s, f in pairs), pairs
 

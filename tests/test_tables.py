@@ -58,9 +58,9 @@ def test_replace_block_needs_one_pair_of_markers() -> None:
         tables.replace_block("no markers", "x")
 
 
-def test_missing_results_file_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "demo-seed0.json").write_text(json.dumps(fake(0, 0.2)))
-    with pytest.raises(SystemExit, match=r"demo-seed1.json: missing; run `python benchmarks/demo_time.py --seed 1"):
+def test_missing_seed0_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "demo-seed1.json").write_text(json.dumps(fake(1, 0.2)))
+    with pytest.raises(SystemExit, match=r"demo-seed0.json: missing; run `python benchmarks/demo_time.py --out"):
         tables.load_results(tmp_path)
 
 
@@ -68,3 +68,23 @@ def test_without_the_full_budget_file_its_columns_are_left_out() -> None:
     block = tables.render({"s0": fake(0, 0.25), "s1": fake(1, 0.30)})
     assert "| student-pbrec | 10.0 / 10.0 | 25.0 / 30.0 | 30.0 / 30.0 | 40.0 / 40.0 | 5.0 |" in block.splitlines()
     assert "`make demo-full` was not measured" in block and "| recipe wall seconds (after install) | 500 | 500 |" in block
+
+
+def test_seed1_of_another_budget_or_missing_is_shown_as_unmeasured(tmp_path: Path) -> None:
+    """A seed-1 file whose training lengths differ from seed 0's (an older params.yaml) gives dashes and says
+    so, as a missing one does; it never lends its figures to the current budget."""
+    s0, s1 = fake(0, 0.25), fake(1, 0.30)
+    s0["bootstraps"], s1["bootstraps"] = {"frcnn": {"epochs": 3}}, {"frcnn": {"epochs": 1}}
+    (tmp_path / "demo-seed0.json").write_text(json.dumps(s0))
+    (tmp_path / "demo-seed1.json").write_text(json.dumps(s1))
+    res = tables.load_results(tmp_path)
+    assert "another budget" in res["s1"]["unmeasured"]
+    lines = tables.render(res).splitlines()
+    assert next(ln for ln in lines if ln.startswith("| student-pbrec |")).startswith("| student-pbrec | 10.0 / – |")
+    assert "| recipe wall seconds (after install) | 500 | – |" in lines
+    assert any("seed 1 not measured for this budget" in ln for ln in lines)
+    s1["bootstraps"] = s0["bootstraps"]
+    (tmp_path / "demo-seed1.json").write_text(json.dumps(s1))
+    assert "unmeasured" not in tables.load_results(tmp_path)["s1"]
+    (tmp_path / "demo-seed1.json").unlink()
+    assert "missing" in tables.load_results(tmp_path)["s1"]["unmeasured"]

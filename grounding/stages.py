@@ -107,6 +107,7 @@ class StageStatus(NamedTuple):
     current: bool
     reason: str
     key: str | None
+    missing: tuple[str, ...] = ()  # input templates with nothing there yet (a stage that cannot run)
 
 
 # ---- declarations --------------------------------------------------------------------------------------------
@@ -364,7 +365,8 @@ def status(name: str, params: Params) -> StageStatus:
     key, inputs = stage_key(name, params)
     missing = [t for t, fp in inputs.items() if fp is None]
     if missing and not s.partial:
-        return StageStatus(name, False, f"input {resolve(missing[0], params)} is missing (run {producer(missing[0])})", key)
+        return StageStatus(name, False, f"input {resolve(missing[0], params)} is missing (run {producer(missing[0])})", key,
+                           tuple(missing))
     if s.always is not None and s.always(params):
         return StageStatus(name, False, "always rerun (reads user files)", key)
     rec = read_record(s, params)
@@ -400,8 +402,7 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
 
     s = get(name)
     st = status(name, params)
-    missing = [t for t in s.inputs if fingerprint(_input_path(t, params)) is None] if st.reason.startswith("input ") else []
-    missing = [] if s.partial else missing
+    missing = st.missing
     if missing:
         up = producer(missing[0])
         what = "prepared dataset" if up == "prepare" else "shard set" if not Path(missing[0]).suffix else "output"

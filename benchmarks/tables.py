@@ -243,8 +243,8 @@ def render(res: dict[str, Result]) -> str:
         f"**What the demo costs** (`python benchmarks/demo_time.py`: the Makefile's `demo` recipe on a fresh copy "
         f"of the project, install skipped; per stage the `python -m stages.*` process DVC ran, imports included; "
         f"CPU = its own and its children's seconds; {env['cpu_count']} cores, {env['processor']}, torch "
-        f"{env['torch']}, {env['cpu_capability']}; seed 1 {seed1}; {full}. Other jobs shared the machine "
-        "(load average below), which inflates wall seconds, not CPU seconds):",
+        f"{env['torch']}, {env['cpu_capability']}; seed 1 {seed1}; {full}. The machine's 1-minute load "
+        "average during each run is below: other jobs on the machine inflate both wall and CPU seconds):",
         "",
         *cost_table(res),
         "",

@@ -1,28 +1,37 @@
-"""Keyed single-file artefacts: built once per key, rebuilt on a new key or a damaged file."""
+"""Single-file artefacts: written atomically with a sidecar; a failed build leaves nothing committed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from grounding.artefacts import build_once, is_current, read_provenance
+import pytest
+
+from grounding.artefacts import read_provenance, sidecar, write_artefact
+from grounding.shards.keys import file_sha256
 
 
-def test_build_once_reuses_and_rebuilds(tmp_path: Path) -> None:
-    calls: list[str] = []
-
-    def build(content: str):
-        def _b(tmp: Path) -> None:
-            calls.append(content)
-            tmp.write_text(content)
-        return _b
-
+def test_write_artefact_commits_file_then_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "m" / "w.pt"
-    build_once(out, "k1", build("a"), {"stage": "x"})
-    build_once(out, "k1", build("a"))
-    assert calls == ["a"] and out.read_text() == "a" and read_provenance(out)["provenance"] == {"stage": "x"}
-    build_once(out, "k2", build("b"))
-    assert calls == ["a", "b"] and out.read_text() == "b"
-    out.write_text("tampered")
-    assert not is_current(out, "k2")
-    build_once(out, "k2", build("b"))
-    assert calls == ["a", "b", "b"] and is_current(out, "k2")
+    write_artefact(out, "k1", lambda tmp: tmp.write_text("a"), {"stage": "x"})
+    meta = read_provenance(out)
+    assert out.read_text() == "a" and meta["key"] == "k1" and meta["sha256"] == file_sha256(out)
+    assert meta["provenance"] == {"stage": "x"}
+    write_artefact(out, "k2", lambda tmp: tmp.write_text("b"))  # no currency check here: the engine decides
+    assert out.read_text() == "b" and read_provenance(out)["key"] == "k2"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["w.pt", "w.pt.json"]
+
+
+def test_failed_build_uncommits_and_leaves_no_temporary(tmp_path: Path) -> None:
+    out = tmp_path / "w.pt"
+    write_artefact(out, "k1", lambda tmp: tmp.write_text("a"))
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_artefact(out, "k2", broken)
+    assert not sidecar(out).exists()  # the old file no longer passes as committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+    with pytest.raises(RuntimeError, match="did not write"):
+        write_artefact(out, "k3", lambda tmp: None)

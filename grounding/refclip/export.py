@@ -396,7 +396,8 @@ def _write_masks(rows: list[Row], images: dict[str, ImageRecord], mask_dir: Path
 
 def run_refclip_export(params: Any) -> Path:
     """Stage ``refclip-export``: the export of ``refclip.export_format`` in ``refclip.export_layout`` under
-    ``data/teachers/refclip-export/<dataset>/<format>/``; redone only when the pseudo-labels or options change."""
+    ``data/teachers/refclip-export/<dataset>/<format>/`` (the engine reruns it when the pseudo-labels, the
+    options or this code change)."""
     from grounding.codeset import code_version
     from grounding.shards.keys import digest
     from grounding.shards.manifest import atomic_write_bytes
@@ -409,12 +410,7 @@ def run_refclip_export(params: Any) -> Path:
     key = digest({"pseudo": ShardSet(pseudo_dir).manifest.stage_key, "dataset": ds.fingerprint(),
                   "format": rc.export_format, "layout": rc.export_layout, "transvg_dataset": rc.transvg_dataset,
                   "code": code_version(__name__)})
-    done = out / "export.json"
-    if done.exists():
-        record = json.loads(done.read_text())
-        if record.get("key") == key and all((out / f).exists() for f in record["files"]):
-            log.info("refclip-export: up to date at %s (key %s)", dest, key[:12])
-            return dest
+    done = out / "export.json"  # the export's record (key, files): what the engine fingerprints
     # written beside, then swapped in: one export per dataset (no stale masks, images or other formats), and
     # a failed export leaves the previous one in place
     tmp = out.with_name(f".{out.name}.partial")

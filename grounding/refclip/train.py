@@ -18,7 +18,7 @@ from torch import nn
 
 from grounding import distributed as D
 from grounding import runtime as R
-from grounding.artefacts import build_once, is_current
+from grounding.artefacts import write_artefact
 from grounding.codeset import code_version
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset
@@ -239,13 +239,9 @@ def run_refclip_train(params: Params) -> Path:
                   "anchors": str(anchors_dir), "anchors_key": anchors.manifest.stage_key,
                   "sentences": len(usable), "sentences_without_anchors": dropped,
                   "params": rp.model_dump(mode="json"), "seed": params.seed}
-    current = D.from_main(is_current(out, key))  # all ranks take rank 0's decision
-    if not D.is_main():
-        if not current:
-            build(None)
+    if not D.is_main():  # every rank trains (torchrun); rank 0 alone writes
+        build(None)
         return out
-    build_once(out, key, build, provenance)
-    if not curve_path.exists():  # the model was current but the curve was deleted: cheap to note, not rebuild
-        log.warning("%s is missing; rerun with the model removed to regenerate it", curve_path)
+    write_artefact(out, key, build, provenance)
     return out
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from grounding import distributed as D
 from grounding import runtime as R
-from grounding.artefacts import build_once, is_current
+from grounding.artefacts import write_artefact
 from grounding.codeset import code_version
 from grounding.boxes import box_iou
 from grounding.config import Params
@@ -414,13 +414,11 @@ def run_student_bicm(params: Params) -> Path:
         torch.save({"dim": dim, "hidden": bp.kam_hidden, "state": model.state_dict(), "curve": curve}, tmp)
         write_json(timing_path(mpath), {"throughput_samples_per_s": round(speed, 2)})
 
-    current = D.from_main(is_current(mpath, key))  # all ranks take rank 0's decision
     if not D.is_main():  # every rank trains (torchrun); rank 0 alone evaluates and writes
-        if not current:
-            build(None)
+        build(None)
         return params.student_dir(STAGE)
-    build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": inp.keys,
-                                   "pseudo_labels": len(pseudo)})
+    write_artefact(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": inp.keys,
+                                       "pseudo_labels": len(pseudo)})
     from grounding.errors import load_weights
 
     ckpt = load_weights(mpath, f"{STAGE} model", f"delete {mpath} and rerun {STAGE} to retrain it")

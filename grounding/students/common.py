@@ -306,41 +306,16 @@ PREDICTION_FIELDS = (
 )
 
 
-def _prediction_key(stage: str, module: str, ds: CanonicalDataset, inputs: Mapping[str, str],
-                    stage_params: Mapping[str, Any]) -> tuple[str, dict[str, str], dict[str, Any], str]:
-    """``(code version, inputs, teacher identity, key)`` of a student's prediction set; ``module``: the
-    student's own module (its derived code set is the code part of the key)."""
-    from grounding import __version__
-    from grounding.codeset import code_version
-    from grounding.shards import stage_key
-
-    code = code_version(module)
-    ins = {"dataset": ds.fingerprint(), **inputs}
-    teacher = {"name": stage, "package": __version__}
-    key = stage_key(stage, code, teacher, dict(stage_params), ins)
-    return code, ins, teacher, key
-
-
-def outputs_current(params: Any, stage: str, module: str, ds: CanonicalDataset,
-                    inputs: Mapping[str, str], stage_params: Mapping[str, Any]) -> bool:
-    """True when the stage's prediction shard set is committed with the key of these inputs, code and params
-    and its weights and metrics files exist: the stage then has nothing to do."""
-    from grounding.shards import is_complete
-
-    key = _prediction_key(stage, module, ds, inputs, stage_params)[3]
-    current = (is_complete(params.student_dir(stage), key) and model_path(params, stage).is_file()
-               and metrics_path(params, stage).is_file())
-    if current:
-        log.info("%s: up to date at %s (key %s)", stage, params.student_dir(stage), key[:12])
-    return current
-
-
 def write_predictions(params: Any, stage: str, module: str, ds: CanonicalDataset,
                       pred: Mapping[str, np.ndarray], inputs: Mapping[str, str], stage_params: Mapping[str, Any],
                       weights_sha256: str) -> Path:
-    """Per-sentence predictions as a sentence-level shard set under ``params.student_dir(stage)``;
-    provenance: the input shard-set keys (in the stage key) and the weights' sha256 (in ``extra``)."""
+    """Per-sentence predictions as a sentence-level shard set under ``params.student_dir(stage)``. Its key
+    holds the input shard-set keys, the student's params and code (``module``: its derived code set) and the
+    weights' sha256, so a retraining that ends at other weights replaces the predictions, one that ends at
+    the same weights keeps them."""
+    from grounding import __version__
     from grounding.boxes import paired_iou
+    from grounding.codeset import code_version
     from grounding.stage_writer import dataset_extra, write_stage
 
     out = params.student_dir(stage)
@@ -356,8 +331,9 @@ def write_predictions(params: Any, stage: str, module: str, ds: CanonicalDataset
             iou = float(paired_iou(box[None], np.array([gt], np.float32))[0]) if gt is not None else float("nan")
             yield k, {"box": box, "iou": np.float32(iou)}
 
-    code, ins, teacher, _ = _prediction_key(stage, module, ds, inputs, stage_params)
-    return write_stage(params, stage=stage, code=code, level="sentence", fields=PREDICTION_FIELDS,
+    ins = {"dataset": ds.fingerprint(), **inputs}
+    teacher = {"name": stage, "package": __version__, "weights_sha256": weights_sha256}
+    return write_stage(params, stage=stage, code=code_version(module), level="sentence", fields=PREDICTION_FIELDS,
                        item_keys=[r.ref_id for r in ds.refs], rows=rows, stage_params=dict(stage_params),
                        inputs=ins, teacher=teacher,
                        extra={**dataset_extra(params, ds, out), "weights_sha256": weights_sha256}, out_dir=out)

@@ -127,8 +127,6 @@ def run_student_epmvg(params: Any) -> Path:
     data, tok, sets = epmvg_data(params, ds, stage)
     inputs = {"clip_image": sets["image"].manifest.stage_key, "clip_text": sets["text"].manifest.stage_key}
     sp = ep.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params()
-    if D.from_main(C.outputs_current(params, stage, __name__, ds, inputs, sp)):  # all ranks decide as rank 0
-        return params.student_dir(stage)
     clip_dim = sets["text"].fields["embedding"].shape[0]
     variants = [ep.distill] + ([not ep.distill] if ep.baseline else [])
     every = R.RecBatches(ds, ds.refs, C.Canvases(ds, ep.input_size), tok)

@@ -37,7 +37,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from grounding import distributed as D
 from grounding import runtime as R
-from grounding.artefacts import build_once, is_current
+from grounding.artefacts import write_artefact
 from grounding.codeset import code_version
 from grounding.config import Params
 from grounding.data.schema import CanonicalDataset, RefRecord
@@ -399,12 +399,10 @@ def run_student_nce_distill(params: Params) -> Path:
         write_json(timing_path(mpath), {"throughput_samples_per_s": round(speed["distill"], 2),
                                         "throughput_no_distill_samples_per_s": round(speed.get("no_distill", 0.0), 2)})
 
-    current = D.from_main(is_current(mpath, key))  # all ranks take rank 0's decision
     if not D.is_main():  # every rank trains (torchrun); rank 0 alone evaluates and writes
-        if not current:
-            build(None)
+        build(None)
         return params.student_dir(STAGE)
-    build_once(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": {
+    write_artefact(mpath, key, build, {"stage": STAGE, "dataset": ds.name, "inputs": {
         "proposals": proposals.manifest.stage_key, "labels": labels_set.manifest.stage_key}})
     from grounding.errors import load_weights
 

@@ -266,8 +266,6 @@ def run_student_pbrec(params: Any) -> Path:
     fcos = C.teacher_set(params, pp.points_from, sorted({r.image_id for r in ds.refs}), ds, stage)
     inputs = {"points": fcos.manifest.stage_key}
     sp = pp.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params()
-    if D.from_main(C.outputs_current(params, stage, __name__, ds, inputs, sp)):  # all ranks decide as rank 0
-        return params.student_dir(stage)
     cfg = R.RecConfig.from_params(pp, ds)
     tok = R.Tokenizer(cfg)
     canvases = C.Canvases(ds, pp.input_size)

@@ -66,8 +66,6 @@ def run_student_rec_pseudo(params: Any) -> Path:
     pseudo = np.stack([shards[i]["pseudo"]["box"].numpy() for i in range(len(shards))])  # never GT
     inputs = {"pseudo": pseudo_set.manifest.stage_key}
     sp = rp.model_dump(mode="json") | {"seed": params.seed} | params.train.key_params()
-    if D.from_main(C.outputs_current(params, stage, __name__, ds, inputs, sp)):  # all ranks decide as rank 0
-        return params.student_dir(stage)
     runs, curves, best = [], [], None
     with C.torch_threads(rp.threads), C.training(params):
         for seed in rp.seeds:

@@ -3,9 +3,9 @@
 With no ``teachers.<name>.weights`` in the params, the detector stages use a tiny teacher trained here on
 the GT boxes of the synthetic *train* split (the synthetic world is the project's oracle; real datasets
 must name real weights). Stages ``bootstrap-frcnn``, ``bootstrap-fcos``, ``bootstrap-yolo`` write
-``<paths.models>/bootstrap/<teacher>/<dataset>.pt`` through :func:`grounding.artefacts.build_once`: the
-key covers the dataset fingerprint, architecture, training params, seed, library versions and the code of
-this module and every library module it imports (derived), so unchanged inputs train nothing. CPU runs are deterministic for a fixed
+``<paths.models>/bootstrap/<teacher>/<dataset>.pt`` through :func:`grounding.artefacts.write_artefact`; the
+key (in its sidecar) covers the dataset fingerprint, architecture, training params, seed, library versions and the code of
+this module and every library module it imports (derived); the stage engine trains only when the stage is stale. CPU runs are deterministic for a fixed
 seed (torch deterministic algorithms, single-process data loading).
 
 Weights files are ``{"format": "grounding-detector-v1", arch/config, classes, "state_dict"}`` (the
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from grounding.artefacts import build_once
+from grounding.artefacts import write_artefact
 from grounding.codeset import code_version
 from grounding.config import ConfigError, Params
 from grounding.data.gt import gt_regions
@@ -104,7 +104,7 @@ def bootstrap_key(params: Params, teacher: str, ds: CanonicalDataset) -> str:
 
 
 def bootstrap(params: Params, teacher: str) -> Path:
-    """Train (once per key) the tiny ``teacher`` on the synthetic train split; returns the weights file."""
+    """Train the tiny ``teacher`` on the synthetic train split; returns the weights file."""
     if teacher not in BOOTSTRAP_TEACHERS:
         raise KeyError(f"no bootstrap for {teacher!r}; teachers are {BOOTSTRAP_TEACHERS}")
     if params.dataset.format != "synthetic":
@@ -125,7 +125,7 @@ def bootstrap(params: Params, teacher: str) -> Path:
         provenance.update(train(params, full, tmp, teacher) | {"train_seconds": round(time.perf_counter() - t0, 1)})
         log.info("bootstrap-%s: trained in %.0f s", teacher, provenance["train_seconds"])
 
-    return build_once(bootstrap_path(params, teacher), key, build, provenance)
+    return write_artefact(bootstrap_path(params, teacher), key, build, provenance)
 
 
 # ---- torchvision (Faster R-CNN, FCOS) ------------------------------------------------------------------------

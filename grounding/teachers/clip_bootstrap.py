@@ -14,8 +14,8 @@ are on, training runs on ``bootstrap.threads`` torch threads (1 by default, so t
 the machine's core count, and a busy shared CPU does not stall thread barriers), and the weights file is
 serialised from memory (its bytes do not depend on its name). Different CPU instruction sets may still
 round differently; the key covers the torch and open_clip versions. The file is ``models/bootstrap/clip/<dataset>.pt`` (a plain state dict, loadable
-with ``weights_only=True``), written through :func:`grounding.artefacts.build_once`: it is retrained only
-when its key (code, architecture, preprocessing, bootstrap params, seed, dataset) changes.
+with ``weights_only=True``), written through :func:`grounding.artefacts.write_artefact`; the stage engine retrains it only when its
+stage is stale (code, architecture, preprocessing, bootstrap params, seed, dataset).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grounding.artefacts import build_once
+from grounding.artefacts import write_artefact
 from grounding.codeset import code_version
 from grounding.config import ClipBootstrapParams, Params
 from grounding.data.images import ImageError, load_rgb
@@ -245,11 +245,11 @@ def bootstrap_weights(params: Params) -> Path:
         training = train_tiny_clip(model, data, bp, params.seed, progress=params.progress)
         training.update(images=len(data.images), crops=len(data.crops), sentences=len(data.tokens),
                         skipped=list(data.skipped), torch_threads=torch.get_num_threads())
-        provenance["training"] = training  # build_once writes the sidecar after build returns
+        provenance["training"] = training  # write_artefact writes the sidecar after build returns
         provenance["environment"] = training_environment()  # inside torch_threads; a record only: not in the key
         tmp.write_bytes(state_dict_bytes(model))
 
-    return build_once(path, key, build, provenance)
+    return write_artefact(path, key, build, provenance)
 
 
 def run_bootstrap_clip(params: Params) -> Path:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from grounding.artefacts import build_once
+from grounding.artefacts import write_artefact
 from grounding.codeset import code_version
 from grounding.boxes import box_iou, paired_iou
 from grounding.config import Params
@@ -199,7 +199,7 @@ def peak_point(grid_map: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def run_clip_eval(params: Params) -> Path:
     """Stage ``clip-eval``: the figures above on ``teachers.clip.eval_split`` -> ``data/metrics/clip.json``
-    (recomputed only when an input shard set or this code changed)."""
+    (the engine reruns it when an input shard set or this code changes)."""
     ds = CanonicalDataset.load(params.prepared_dir())
     sets = {s: ShardSet(params.teacher_dir(s)) for s in EVAL_STAGES if (params.teacher_dir(s) / "manifest.json").exists()}
     for need in ("clip-image", "clip-text"):
@@ -218,4 +218,4 @@ def run_clip_eval(params: Params) -> Path:
         m["crops_from"] = sets["clip-crops"].manifest.params.get("crops_from") if "clip-crops" in sets else None
         tmp.write_text(json.dumps(m, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
-    return build_once(path, key, build, {"stage": "clip-eval", "inputs": sorted(sets)})
+    return write_artefact(path, key, build, {"stage": "clip-eval", "inputs": sorted(sets)})

@@ -20,23 +20,46 @@ import shutil
 import statistics
 import tempfile
 import time
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 
+def in_thread(fn: Callable[[], float]) -> float:
+    """``fn()`` run in a new (non-main) thread, its result or its exception returned here. The stages run
+    their forward in a producer thread (grounding/overlap.py), and on some machines the same forward in the
+    Python main thread is several times slower (``benchmarks/thread_forward_probe.py``): the bare forward
+    runs in the same kind of thread, so the ratio compares like with like."""
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            out.append(e)
+
+    t = threading.Thread(target=target, name="bare-forward")
+    t.start()
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
 def side_by_side(bare: Callable[[], float], stage: Callable[[int], float], repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of ``repeats`` rounds of ``bare()`` and ``stage(round)``, side by side, the order alternating
-    (bare first in even rounds), so a load change hits both alike."""
+    """Seconds of ``repeats`` rounds of ``bare()`` (in a second thread: :func:`in_thread`) and
+    ``stage(round)``, side by side, the order alternating (bare first in even rounds), so a load change hits
+    both alike."""
     t_bare, t_stage = [], []
     for i in range(repeats):
         if i % 2 == 0:
-            t_bare.append(bare())
+            t_bare.append(in_thread(bare))
             t_stage.append(stage(i))
         else:
             t_stage.append(stage(i))
-            t_bare.append(bare())
+            t_bare.append(in_thread(bare))
     return t_bare, t_stage
 
 

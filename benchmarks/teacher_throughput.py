@@ -1,6 +1,7 @@
 """Teacher throughput: a caching stage's images/s against the bare model's images/s on pre-decoded tensors,
 measured side by side in one run, per teacher: ``--repeats`` rounds (default 3) of bare then stage (the
-order alternating), the ratio of each round, and their median. Goal: stage / bare >= 0.9 (decoding and
+order alternating; the bare forward runs in a second thread, as the stage's forward does: ``in_thread`` in
+clip_throughput.py), the ratio of each round, and their median. Goal: stage / bare >= 0.9 (decoding and
 letterboxing run in DataLoader workers, writing overlaps the next batch's forward: grounding/overlap.py).
 
 Detector part (``frcnn``, ``fcos``, ``yolo``): the bare model is ``Detector.forward`` (model + its own

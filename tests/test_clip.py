@@ -162,6 +162,22 @@ def test_class_embeddings_are_prompt_means(world: dict, tmp_path: Path) -> None:
     assert s.column("index").tolist() == list(range(len(classes)))
 
 
+def test_clip_image_bytes_are_identical_with_and_without_the_overlap(world: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 item 4: decoding in a worker and the forward in a producer thread (grounding/overlap.py)
+    change no byte of the shards against decode, forward and write one after the other in one thread."""
+    from grounding import overlap
+
+    a = stages.run("clip-image", params_of(world["doc"], tmp_path / "overlapped", num_workers=1)).path
+    monkeypatch.setattr(overlap, "DEPTH", 0)  # sequential, in the caller's thread
+    b = stages.run("clip-image", params_of(world["doc"], tmp_path / "sequential", num_workers=0)).path
+    shards = sorted(p.name for p in a.glob("shard-*.h5"))
+    assert shards and shards == sorted(p.name for p in b.glob("shard-*.h5"))
+    for name in shards:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert _key(a) == _key(b)
+
+
 # ---- stage keys ----------------------------------------------------------------------------------------
 def _key(path: Path) -> str:
     return ShardSet(path).manifest.stage_key

@@ -76,9 +76,11 @@ def run_stage(stage: str = typer.Argument(..., help="stage name (see `grounding 
 
     p = _params(params, [*(set_ or []), *(["shards.wait=true"] if wait else [])])
     try:
-        names = stages.plan([stage]) if deps else [stages.get(stage).name]
+        names = stages.plan([stage], p) if deps else [stages.get(stage).name]
     except KeyError as e:
         _fail(str(e.args[0]) if e.args else str(e), 2)
+    except C.ConfigError as e:  # a *_from param naming no teacher stage
+        _fail(str(e), 2)
     if nproc > 1 and not D.launched():
         args = ["run", stage, "--params", params, *[a for s in set_ or [] for a in ("--set", s)],
                 "--deps" if deps else "--no-deps", *(["--wait"] if wait else [])]
@@ -133,7 +135,10 @@ def stage_status(names: Optional[List[str]] = typer.Argument(None, help="stages 
         _fail(str(e.args[0]) if e.args else str(e), 2)
     stale = 0
     for name in wanted:
-        st = stages.status(name, p)
+        try:
+            st = stages.status(name, p)
+        except C.ConfigError as e:  # a *_from param naming no teacher stage
+            _fail(str(e), 2)
         stale += not st.current
         print(f"{name}\t{'current' if st.current else 'stale'}\t{st.reason}")
     raise typer.Exit(1 if stale else 0)

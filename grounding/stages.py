@@ -16,6 +16,10 @@ returns). A stage is current when its record holds the key of today's code, para
 outputs still have the recorded fingerprints (a shard set: its manifest's key; a file: its sha256). As in
 DVC, a stale upstream does not make a stage stale by itself: its key follows the upstream's *outputs*, so
 an upstream rerun that writes the same bytes leaves it current.
+
+An input may name its stage by a params value (:func:`_from`: ``{teachers}/{students.rec.pseudo_from}/{dataset}``):
+:func:`bind` fills in the stage the params name, so the key fingerprints the set actually read and the
+producer run under ``deps`` is that stage; a null value (a nullable param) leaves the input out.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from string import Formatter
+from types import NoneType
+from typing import Any, Callable, Iterable, NamedTuple, get_args
 
 from grounding.codeset import code_set, files_version
-from grounding.config import Params
+from grounding.config import ConfigError, Params
 from grounding.shards.keys import digest, file_sha256
 from grounding.shards.manifest import atomic_write_bytes
 
@@ -63,7 +69,7 @@ class StageDef:
     name: str
     description: str
     compute: str
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # a field ``{a.b.c_from}`` names the stage by a params value (see :func:`bind`)
     params: tuple[str, ...] = ()
     outputs: tuple[Out, ...] = ()
     fan_out: bool = False
@@ -79,10 +85,19 @@ class StageDef:
         """The thin DVC entry point ``stages/<name>.py``."""
         return f"stages/{self.name.replace('-', '_')}.py"
 
+    def bound_inputs(self, params: Params | None = None) -> tuple[str, ...]:
+        """:attr:`inputs` with their stages named for ``params`` (``None``: the ``Params()`` defaults), each
+        an output template of a registered stage; an input named by a null value is left out."""
+        return tuple(b for b in (bind(t, params) for t in self.inputs) if b is not None)
+
+    def upstream(self, params: Params | None = None) -> tuple[str, ...]:
+        """The producers of :meth:`bound_inputs` for ``params`` (in input order, without repeats)."""
+        return tuple(dict.fromkeys(producer(t) for t in self.bound_inputs(params)))
+
     @property
     def needs(self) -> tuple[str, ...]:
-        """Upstream stages: the producers of :attr:`inputs` (in input order, without repeats)."""
-        return tuple(dict.fromkeys(producer(t) for t in self.inputs))
+        """Upstream stages for the default params (the static DAG; dvc.yaml's edges for params.yaml's)."""
+        return self.upstream()
 
     def code_files(self) -> tuple[str, ...]:
         """The files whose source is hashed into the key (and listed as dvc.yaml code deps)."""
@@ -107,7 +122,7 @@ class StageStatus(NamedTuple):
     current: bool
     reason: str
     key: str | None
-    missing: tuple[str, ...] = ()  # input templates with nothing there yet (a stage that cannot run)
+    missing: tuple[str, ...] = ()  # bound input templates with nothing there yet (a stage that cannot run)
 
 
 # ---- declarations --------------------------------------------------------------------------------------------
@@ -116,6 +131,11 @@ PREP = "{prepared}/{dataset}"
 
 def _t(stage: str) -> str:
     return f"{{teachers}}/{stage}/{{dataset}}"
+
+
+def _from(param: str) -> str:
+    """The teacher shard set of the stage named by the value of ``params.yaml`` path ``param``."""
+    return f"{{teachers}}/{{{param}}}/{{dataset}}"
 
 
 def _boot(teacher: str) -> str:
@@ -150,7 +170,8 @@ _DECLARED: tuple[StageDef, ...] = (
     StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)", "grounding.data.gt_stage:run_gt_boxes",
              (PREP,), ("shards",), _shards(_t("gt-boxes")), fan_out=True),
     StageDef("wordnet-labels", "phrase head noun -> soft label over the detector classes (WordNet 3.0)",
-             "grounding.teachers.wordnet:run_wordnet_labels", (PREP,), ("teachers.wordnet", "shards", "dataset.on_error"),
+             "grounding.teachers.wordnet:run_wordnet_labels", (PREP, _from("teachers.wordnet.classes_from")),
+             ("teachers.wordnet", "shards", "dataset.on_error"),
              (Out(_t("wordnet-labels")), Out("{metrics}/wordnet-labels/{dataset}.json", "metrics", cache=False, persist=False)),
              fan_out=True),
     StageDef("bootstrap-frcnn", "tiny Faster R-CNN trained on the synthetic train split (when no weights)",
@@ -173,11 +194,13 @@ _DECLARED: tuple[StageDef, ...] = (
              f"{_DET}.stage:run_yolo_anchors", (PREP, _boot("yolo")), ("teachers.yolo", "shards", "dataset.on_error"),
              _shards(_t("yolo-anchors")), fan_out=True),
     StageDef("refclip-train", "RefCLIP anchor-text model trained on the cached YOLOv3 anchors",
-             "grounding.refclip.train:run_refclip_train", (PREP, _t("yolo-anchors")), ("seed", "refclip", "train"),
+             "grounding.refclip.train:run_refclip_train", (PREP, _from("refclip.anchors_from")),
+             ("seed", "refclip", "train"),
              (*_model("{models}/refclip/{dataset}.pt"),
               Out("{metrics}/refclip-train-curve.json", "plots", cache=False, x="epoch", y="loss"))),
     StageDef("refclip-pseudo", "RefCLIP pseudo-box per sentence + Acc@0.5 (data/metrics/refclip.json)",
-             "grounding.refclip.pseudo:run_refclip_pseudo", (PREP, _t("yolo-anchors"), "{models}/refclip/{dataset}.pt"),
+             "grounding.refclip.pseudo:run_refclip_pseudo",
+             (PREP, _from("refclip.anchors_from"), "{models}/refclip/{dataset}.pt"),
              ("refclip.anchors_from", "refclip.checkpoint", "refclip.vocab_from", "shards"),
              (Out(_t("refclip-pseudo")), Out("{metrics}/refclip.json", "metrics", cache=False))),
     StageDef("refclip-export", "pseudo-labels as files SimREC, RefCLIP or TransVG loaders read as is",
@@ -194,10 +217,11 @@ _DECLARED: tuple[StageDef, ...] = (
     StageDef("clip-text", "CLIP embedding per sentence, token count and truncation flag", f"{_CLIP}:run_clip_text",
              (PREP, _boot("clip")), _CLIP_PARAMS, _shards(_t("clip-text")), fan_out=True),
     StageDef("clip-classes", "CLIP embedding per detector class name (mean over prompt templates)",
-             f"{_CLIP}:run_clip_classes", (_boot("clip"), _t("gt-boxes")), ("teachers.clip", "shards"),
+             f"{_CLIP}:run_clip_classes", (_boot("clip"), _from("teachers.clip.classes_from")), ("teachers.clip", "shards"),
              _shards(_t("clip-classes")), fan_out=True),
     StageDef("clip-crops", "CLIP embedding per proposal crop (teachers.clip.crops_from boxes)", f"{_CLIP}:run_clip_crops",
-             (PREP, _boot("clip"), _t("frcnn-proposals")), _CLIP_PARAMS, _shards(_t("clip-crops")), fan_out=True),
+             (PREP, _boot("clip"), _from("teachers.clip.crops_from")), _CLIP_PARAMS, _shards(_t("clip-crops")),
+             fan_out=True),
     StageDef("qam", "BiCM query attention map per sentence (patch grid) and its box P_t", "grounding.teachers.qam_stage:run_qam",
              (PREP, _boot("clip")), _CLIP_PARAMS, _shards(_t("qam")), fan_out=True),
     StageDef("clip-eval", "CLIP sanity figures on the eval split -> data/metrics/clip.json",
@@ -206,21 +230,24 @@ _DECLARED: tuple[StageDef, ...] = (
              ("teachers.clip.eval_split",), (Out("{metrics}/clip.json", "metrics", cache=False, persist=False),)),
     # REC students (issue 9) and weakly supervised grounding students (issue 10): read teacher shard sets only
     StageDef("student-rec-pseudo", "REC student (TransVG-style) taught by RefCLIP pseudo-boxes, random resize + EMA",
-             "grounding.students.rec:run_student_rec_pseudo", (PREP, _t("refclip-pseudo")),
+             "grounding.students.rec:run_student_rec_pseudo", (PREP, _from("students.rec.pseudo_from")),
              ("seed", "students.rec", "train", "shards"), _student("student-rec-pseudo")),
     StageDef("student-epmvg", "EpmVG: REC student on GT + distillation from the cached CLIP image/text embeddings",
-             "grounding.students.epmvg:run_student_epmvg", (PREP, _t("clip-image"), _t("clip-text")),
+             "grounding.students.epmvg:run_student_epmvg",
+             (PREP, _from("students.epmvg.image_from"), _from("students.epmvg.text_from")),
              ("seed", "students.epmvg", "train", "shards"), _student("student-epmvg")),
     StageDef("student-pbrec", "PBREC: point head on the REC trunk ranking the cached FCOS P5 points",
-             "grounding.students.pbrec:run_student_pbrec", (PREP, _t("fcos-points")),
+             "grounding.students.pbrec:run_student_pbrec", (PREP, _from("students.pbrec.points_from")),
              ("seed", "students.pbrec", "train", "shards"), _student("student-pbrec")),
     StageDef("student-nce-distill", "NCE+Distill: region-phrase NCE + WordNet/detector soft-target distillation",
              "grounding.students.nce_distill:run_student_nce_distill",
-             (PREP, _t("frcnn-proposals"), _t("wordnet-labels")), ("seed", "students.nce_distill", "shards"),
+             (PREP, _from("students.nce_distill.proposals_from"), _from("students.nce_distill.labels_from")),
+             ("seed", "students.nce_distill", "shards"),
              _student("student-nce-distill", x="step")),
     StageDef("student-bicm", "BiCM from caches: COM (crop/class-query cosines) + QAM fusion + KAM MLP",
              "grounding.students.bicm:run_student_bicm",
-             (PREP, *(_t(s) for s in ("frcnn-proposals", "clip-crops", "clip-classes", "clip-image", "clip-text", "qam"))),
+             (PREP, _from("students.bicm.proposals_from"),
+              *(_t(s) for s in ("clip-crops", "clip-classes", "clip-image", "clip-text", "qam"))),
              ("seed", "students.bicm", "shards"), _student("student-bicm")),
     StageDef("evaluate", "Acc@0.5 table of every student and its baselines (data/metrics/students.*)",
              "grounding.evaluate:run_evaluate", tuple(f"{{metrics}}/{s}.json" for s in _STUDENTS), (),
@@ -259,8 +286,9 @@ def get(name: str) -> StageDef:
         raise KeyError(f"unknown stage {name!r}; stages are {sorted(STAGES)}") from None
 
 
-def plan(targets: Iterable[str]) -> list[str]:
-    """The stages needed for ``targets`` (their ``needs`` closure), in a dependency order."""
+def plan(targets: Iterable[str], params: Params | None = None) -> list[str]:
+    """The stages needed for ``targets`` (their :meth:`StageDef.upstream` closure for ``params``; ``None``:
+    the defaults), in a dependency order."""
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -270,7 +298,7 @@ def plan(targets: Iterable[str]) -> list[str]:
         if name in visiting:
             raise ValueError(f"stage dependency cycle through {name!r}")
         visiting.add(name)
-        for dep in get(name).needs:
+        for dep in get(name).upstream(params):
             visit(dep)
         visiting.discard(name)
         order.append(name)
@@ -280,10 +308,64 @@ def plan(targets: Iterable[str]) -> list[str]:
     return order
 
 
+# ---- inputs named by params ---------------------------------------------------------------------------------
+def fill(template: str, value: Callable[[str], str]) -> str:
+    """``template`` with each ``{field}`` replaced by ``value(field)``; the literal text is kept."""
+    return "".join(text + ("" if f is None else value(f)) for text, f, _, _ in Formatter().parse(template))
+
+
+def named_by(template: str) -> str | None:
+    """The ``params.yaml`` path naming an input's stage (the template's dotted field); ``None``: a fixed input."""
+    return next((f for _, f, _, _ in Formatter().parse(template) if f and "." in f), None)
+
+
+def param_nullable(dotted: str) -> bool:
+    """Whether ``params.yaml`` path ``dotted`` admits null (its :class:`Params` field type includes ``None``)."""
+    model: Any = Params
+    for part in dotted.split("."):
+        model = model.model_fields[part].annotation
+    return NoneType in get_args(model)
+
+
+def teacher_stages() -> list[str]:
+    """The stages a ``*_from`` param may name: those whose first output is ``{teachers}/<stage>/{dataset}``."""
+    return [s.name for s in _DECLARED if s.outputs[0].path == _t(s.name)]
+
+
+@lru_cache(maxsize=1)
+def _defaults() -> Params:
+    return Params()
+
+
+def bind(template: str, params: Params | None = None) -> str | None:
+    """Input ``template`` with its stage named: a fixed input as is; one named by a param (:func:`_from`) as
+    the output template of the stage that param's value names in ``params`` (``None``: the ``Params()``
+    defaults); ``None`` when that value is null (the input is absent). :class:`ConfigError` when the value
+    names no teacher stage."""
+    param = named_by(template)
+    if param is None:
+        return template
+    value = param_value(params if params is not None else _defaults(), param)
+    if value is None:
+        return None
+    if value not in teacher_stages():
+        raise ConfigError(f"{param}: {value!r} is not a teacher stage (one writing <paths.teachers>/<stage>/"
+                          f"<dataset>); teacher stages are {', '.join(teacher_stages())}")
+    return template.replace("{" + param + "}", value)
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------
 def resolve(template: str, params: Params) -> Path:
-    """An output template as a path under ``params.paths`` for ``params.dataset.name``."""
-    return Path(template.format(dataset=params.dataset.name, **params.paths.model_dump()))
+    """A template as a path under ``params.paths`` for ``params.dataset.name``; a dotted field (an input
+    named by a param, see :func:`bind`) is filled with that params value."""
+    paths = params.paths.model_dump()
+
+    def value(field: str) -> str:
+        if field == "dataset":
+            return params.dataset.name
+        return paths[field] if field in paths else str(param_value(params, field))
+
+    return Path(fill(template, value))
 
 
 def param_value(params: Params, dotted: str) -> Any:
@@ -346,7 +428,7 @@ def _input_path(template: str, params: Params) -> Path:
 def stage_key(name: str, params: Params) -> tuple[str, dict[str, str | None]]:
     """The key of stage ``name`` today (code, declared params, input fingerprints) and those fingerprints."""
     s = get(name)
-    inputs = {t: fingerprint(_input_path(t, params)) for t in s.inputs}
+    inputs = {t: fingerprint(_input_path(t, params)) for t in s.bound_inputs(params)}
     key = digest({"stage": s.name, "code": s.code_version(), "params": {p: param_value(params, p) for p in s.params},
                   "inputs": inputs})
     return key, inputs
@@ -392,10 +474,10 @@ def run(name: str, params: Params, *, deps: bool | str = "missing") -> StageResu
     inputs that do not exist yet (recursively); ``False`` runs nothing else and fails on a missing input
     (DVC and the flow order the stages themselves)."""
     if deps is True:
-        for up in plan([name])[:-1]:
+        for up in plan([name], params)[:-1]:
             run(up, params, deps=False)
     elif deps == "missing" and not get(name).partial:
-        for t in get(name).inputs:
+        for t in get(name).bound_inputs(params):
             if fingerprint(_input_path(t, params)) is None:
                 run(producer(t), params, deps="missing")
     from grounding.shard_parts import in_part

@@ -32,8 +32,9 @@ TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stages_for(target: str) -> list[str]:
-    """The registered stages a target runs, in dependency order; unknown target → ``KeyError``."""
+def stages_for(target: str, params: config.Params | None = None) -> list[str]:
+    """The registered stages a target runs for ``params`` (``None``: the defaults), in dependency order;
+    unknown target → ``KeyError``."""
     if target in TARGETS:
         wanted = [s for s in TARGETS[target] if s in stages.STAGES]
         if not wanted:
@@ -42,7 +43,7 @@ def stages_for(target: str) -> list[str]:
         wanted = [target]
     else:
         raise KeyError(f"unknown target {target!r}; targets are {sorted(TARGETS)} or a stage in {sorted(stages.STAGES)}")
-    return stages.plan(wanted)
+    return stages.plan(wanted, params)
 
 
 @task(name="stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[5], task_run_name="{name}")
@@ -115,13 +116,14 @@ def grounding_flow(target: str = "all", params_file: str = "params.yaml", overri
     extra = [f"dataset.name={dataset}"] if dataset else []
     try:
         params = config.load(params_file, [*(overrides or []), *extra])
+        names = stages_for(target, params)  # a *_from param naming no teacher stage: ConfigError
     except config.ConfigError as e:  # one line naming the key, no traceback
         msg, _ = errors.one_line(e)
         log.error("%s", msg)
         return Failed(message=msg)
     doc = params.model_dump(mode="json", by_alias=True)  # aliases (e.g. teachers.clip.model_config) re-validate
     outputs: dict[str, str] = {}
-    for name in stages_for(target):
+    for name in names:
         if fan_out > 1 and stages.get(name).fan_out:
             runner = dask_runner(fan_out, dask_address)
             state = fan_out_flow.with_options(task_runner=runner)(name, doc, fan_out, return_state=True)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from grounding import config as C
@@ -61,6 +63,69 @@ def test_cli_status_reports_without_running(tmp_path: Path) -> None:
     assert CliRunner().invoke(app, ["run", "gt-boxes", *sets]).exit_code == 0
     res = CliRunner().invoke(app, ["status", "prepare", "gt-boxes", *sets])
     assert res.exit_code == 0 and res.output.count("\tcurrent\t") == 2, res.output
+
+
+# ---- inputs whose stage a param names ---------------------------------------------------------------------------
+def _crops(tmp: Path, *extra: str) -> C.Params:
+    """clip-crops' params (a 2-step CLIP bootstrap) with ``extra`` overrides."""
+    return C.load(str(ROOT / "params.yaml"), [*_sets(tmp), "teachers.clip.bootstrap.steps=2",
+                                               "teachers.clip.bootstrap.batch_size=4", *extra])
+
+
+def test_an_input_named_by_a_param_is_the_set_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """teachers.clip.crops_from=gt-boxes (oracle crops): clip-crops' upstream, `run` and key follow gt-boxes, not
+    the default frcnn-proposals set: recomputing gt-boxes stales it, the default set appearing does not."""
+    from grounding.data import gt_stage
+
+    default, oracle = _crops(tmp_path), _crops(tmp_path, "teachers.clip.crops_from=gt-boxes")
+    crops = stages.get("clip-crops")
+    assert crops.needs == ("prepare", "bootstrap-clip", "frcnn-proposals")  # the static DAG: the defaults
+    assert crops.upstream(oracle) == ("prepare", "bootstrap-clip", "gt-boxes")
+    assert stages.plan(["clip-crops"], oracle) == ["prepare", "bootstrap-clip", "gt-boxes", "clip-crops"]
+    first = stages.run("clip-crops", oracle)  # deps="missing": produces gt-boxes, the set it reads
+    assert not first.hit and stages.status("gt-boxes", oracle).current
+    assert not default.teacher_dir("frcnn-proposals").exists() and stages.status("clip-crops", oracle).current
+    frcnn = "{teachers}/frcnn-proposals/{dataset}"
+    assert stages.status("clip-crops", default).missing == (frcnn,)
+    # a complete shard set appears at the default's path: the default's key sees it, the oracle one does not
+    shutil.copytree(oracle.teacher_dir("gt-boxes"), default.teacher_dir("frcnn-proposals"))
+    assert stages.stage_key("clip-crops", default)[1][frcnn].startswith("shards:")
+    assert stages.run("clip-crops", oracle, deps=False) == (first.path, first.key, True)
+    # gt-boxes recomputed with other content (other code: another manifest key) stales clip-crops
+    monkeypatch.setattr(gt_stage, "code_version", lambda module: "other code")
+    stages.record_path(stages.get("gt-boxes"), oracle).unlink()
+    assert not stages.run("gt-boxes", oracle, deps=False).hit
+    st = stages.status("clip-crops", oracle)
+    assert not st.current and st.reason == "code, params or inputs changed" and st.key != first.key
+
+
+def test_a_null_param_leaves_its_input_out(tmp_path: Path) -> None:
+    """teachers.wordnet.classes_from: null (the synthetic classes) reads no detector set; a stage name adds it."""
+    wordnet = stages.get("wordnet-labels")
+    p = C.load(str(ROOT / "params.yaml"), _sets(tmp_path))
+    assert wordnet.bound_inputs(p) == (stages.PREP,) and wordnet.needs == ("prepare",)
+    named = C.load(str(ROOT / "params.yaml"), [*_sets(tmp_path), "teachers.wordnet.classes_from=gt-boxes"])
+    assert wordnet.upstream(named) == ("prepare", "gt-boxes")
+    assert list(stages.stage_key("wordnet-labels", named)[1]) == [stages.PREP, "{teachers}/gt-boxes/{dataset}"]
+
+
+@pytest.mark.parametrize("value", ["refclip-psuedo", "student-pbrec", "prepare"])
+def test_a_param_naming_no_teacher_stage_is_a_one_line_error(tmp_path: Path, value: str) -> None:
+    """A typo, a student or the prepared dataset as ``students.rec.pseudo_from``: ConfigError naming the param
+    and the teacher stages, from status, run and plan alike; `grounding status` prints it and exits 2."""
+    p = C.load(str(ROOT / "params.yaml"), [*_sets(tmp_path), f"students.rec.pseudo_from={value}"])
+    for call in (lambda: stages.status("student-rec-pseudo", p), lambda: stages.run("student-rec-pseudo", p),
+                 lambda: stages.plan(["evaluate"], p)):
+        with pytest.raises(C.ConfigError, match=rf"^students\.rec\.pseudo_from: '{value}' is not a teacher stage "
+                           r"\(.*\); teacher stages are .*\brefclip-pseudo\b") as e:
+            call()
+        known = str(e.value).split("teacher stages are ")[1].split(", ")
+        assert "\n" not in str(e.value) and "gt-boxes" in known and "prepare" not in known
+        assert not [k for k in known if k.startswith("student-")]
+    res = CliRunner().invoke(app, ["status", "student-rec-pseudo", f"--set=students.rec.pseudo_from={value}",
+                                   *(f"--set={s}" for s in _sets(tmp_path))])
+    assert res.exit_code == 2 and "students.rec.pseudo_from" in res.output, res.output
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_dvc_yaml_command_prints_the_committed_file() -> None:

@@ -55,6 +55,29 @@ def test_committed_dvc_yaml_is_the_generated_one() -> None:
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: run `grounding dvc-yaml > dvc.yaml`"
 
 
+def test_dvc_yaml_deps_filled_from_params_yaml_are_the_registry_edges() -> None:
+    """DVC fills ``${a.b}`` in dvc.yaml from params.yaml; so filled, each stage's data deps are outputs of
+    exactly its upstream stages for params.yaml (the stage a ``*_from`` param names, not a fixed default)."""
+    import re
+    from functools import reduce
+
+    from grounding import config
+
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = config.load(ROOT / "params.yaml")
+
+    def fill(path: str) -> str:
+        return re.sub(r"\$\{([\w.]+)\}", lambda m: str(reduce(lambda d, k: d[k], m[1].split("."), values)), path)
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    made_by = {fill(o if isinstance(o, str) else next(iter(o))): name for name, st in dvc.items()
+               for kind in ("outs", "metrics", "plots") for o in st.get(kind, [])}
+    assert any("${students.rec.pseudo_from}" in d for d in dvc["student-rec-pseudo"]["deps"])
+    for name, st in dvc.items():
+        ups = [made_by[fill(d)] for d in st["deps"] if fill(d) in made_by]
+        assert ups == list(stages.get(name).upstream(params)), name
+
+
 def test_no_import_cycles_in_the_library() -> None:
     from grounding import codeset
 

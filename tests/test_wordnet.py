@@ -252,16 +252,16 @@ def test_classes_from_a_detector_manifest(tmp_path: Path, wn) -> None:
     from grounding import stages
     from grounding.shards import FieldSpec, ShardSetSpec, ShardWriter
 
-    p = _params(tmp_path, "teachers.wordnet.classes_from=frcnn")
-    with pytest.raises(FileNotFoundError, match="classes_from='frcnn'"):
+    p = _params(tmp_path, "teachers.wordnet.classes_from=frcnn-proposals")
+    with pytest.raises(FileNotFoundError, match="classes_from='frcnn-proposals'"):
         W.class_vocabulary(p)
-    spec = ShardSetSpec(stage="frcnn", stage_key="k" * 64, level="image",
+    spec = ShardSetSpec(stage="frcnn-proposals", stage_key="k" * 64, level="image",
                         fields=(FieldSpec("n", "int32"),), extra={"classes": ["__background__", "circle", "star"]})
-    with ShardWriter(p.teacher_dir("frcnn"), spec, ["a"], progress=False) as w:
+    with ShardWriter(p.teacher_dir("frcnn-proposals"), spec, ["a"], progress=False) as w:
         w.add("a", {"n": np.int32(1)})
     classes, inputs = W.class_vocabulary(p)
     assert classes == ["__background__", "circle", "star"] and inputs == {"classes_from": "k" * 64}
-    stages.run("prepare", p)
+    stages.run("prepare", p)  # a stand-in detector set is there: deps="missing" runs no detector
     s = ShardSet(stages.run("wordnet-labels", p).path)
     assert s.fields["label"].shape == (3,) and s.manifest.inputs["classes_from"] == "k" * 64
     assert all(s[k]["label"][0] == 0 for k in s.keys)  # background never gets mass

@@ -145,11 +145,12 @@ def stage_status(names: Optional[List[str]] = typer.Argument(None, help="stages 
 
 
 @app.command("dvc-yaml")
-def dvc_yaml() -> None:
-    """Print dvc.yaml as generated from the stage registry (`grounding dvc-yaml > dvc.yaml`)."""
+def dvc_yaml(params: str = ParamsOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Print dvc.yaml as generated from the stage registry (`grounding dvc-yaml > dvc.yaml`); a real dataset
+    in the params makes its `root` and `image_root` deps of `prepare`."""
     from grounding.dvcgen import dvc_yaml as generate
 
-    sys.stdout.write(generate())
+    sys.stdout.write(generate(_params(params, set_)))
 
 
 @app.command("stages")

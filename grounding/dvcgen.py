@@ -7,12 +7,14 @@ outputs under ``outs`` / ``metrics`` / ``plots``. Paths use the ``paths`` defaul
 way (``data/teachers/${students.rec.pseudo_from}/${dataset.name}``: DVC fills it from params.yaml), except a
 nullable one (``teachers.wordnet.classes_from``), left out: DVC renders null as ``None``, so it cannot express
 an optional dep (the stage's params section still reruns it when the param changes). tests/test_wiring.py fails
-when the committed file differs.
+when the committed file differs. Given params (``grounding dvc-yaml --params params.yaml``), the user files a
+stage reads (:attr:`~grounding.stages.StageDef.reads`: a real dataset's ``root`` and ``image_root``) become
+deps of that stage too, as the paths are written in params.yaml; the synthetic default reads none.
 """
 
 from __future__ import annotations
 
-from grounding.config import PathParams
+from grounding.config import Params, PathParams
 from grounding.stages import STAGES, Out, StageDef, fill, named_by, param_nullable
 
 HEADER = """\
@@ -54,11 +56,13 @@ def _out_lines(o: Out) -> list[str]:
     return [*lines, f"    - {dvc_path(o.path)}:", *(f"        {x}" for x in opts)]
 
 
-def stage_lines(s: StageDef) -> list[str]:
-    """The lines of one stage entry."""
+def stage_lines(s: StageDef, params: Params | None = None) -> list[str]:
+    """The lines of one stage entry (with the user files ``params`` make it read)."""
     lines = [f"  {s.name}:", f"    cmd: python -m stages.{s.name.replace('-', '_')}", "    deps:"]
     lines += [f"    - {d}" for d in (s.entry, *(f for f in s.code_files() if f != s.entry))]
     lines += [f"    - {d}" for d in dvc_inputs(s)]
+    if params is not None and s.reads is not None:
+        lines += [f"    - {d}" for d in s.reads(params)]
     if s.params:
         lines += ["    params:", *(f"    - {p}" for p in s.params)]
     for kind in ("outs", "metrics", "plots"):
@@ -70,9 +74,9 @@ def stage_lines(s: StageDef) -> list[str]:
     return lines
 
 
-def dvc_yaml() -> str:
-    """The whole generated ``dvc.yaml`` text."""
+def dvc_yaml(params: Params | None = None) -> str:
+    """The whole generated ``dvc.yaml`` text; ``params``: add the user files they make stages read."""
     lines = [HEADER.rstrip("\n"), "", "stages:"]
     for s in STAGES.values():
-        lines += stage_lines(s)
+        lines += stage_lines(s, params)
     return "\n".join(lines) + "\n"

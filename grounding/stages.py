@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -73,7 +74,7 @@ class StageDef:
     params: tuple[str, ...] = ()
     outputs: tuple[Out, ...] = ()
     fan_out: bool = False
-    always: Callable[[Params], bool] | None = field(default=None, compare=False)  # never current (real-data prepare)
+    reads: Callable[[Params], tuple[str, ...]] | None = field(default=None, compare=False)  # user files it reads
     partial: bool = False  # inputs may be missing (their absence is in the key): not produced under deps="missing"
 
     @property
@@ -166,7 +167,7 @@ _STUDENTS = ("student-rec-pseudo", "student-epmvg", "student-pbrec", "student-nc
 _DECLARED: tuple[StageDef, ...] = (
     StageDef("prepare", "canonical dataset from user files or the synthetic generator",
              "grounding.data.prepare:run_prepare", params=("seed", "dataset"), outputs=_shards(PREP),
-             always=lambda p: p.dataset.format != "synthetic"),
+             reads=lambda p: dataset_files(p.dataset)),
     StageDef("gt-boxes", "distinct GT boxes per image (oracle proposals)", "grounding.data.gt_stage:run_gt_boxes",
              (PREP,), ("shards",), _shards(_t("gt-boxes")), fan_out=True),
     StageDef("wordnet-labels", "phrase head noun -> soft label over the detector classes (WordNet 3.0)",
@@ -378,6 +379,31 @@ def param_value(params: Params, dotted: str) -> Any:
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
+def dataset_files(ds: Any) -> tuple[str, ...]:
+    """The user's files a ``dataset`` section makes ``prepare`` read: ``root`` and ``image_root`` (files or
+    directories, as given); none for the synthetic generator."""
+    if ds.format == "synthetic":
+        return ()
+    return tuple(dict.fromkeys(x for x in (ds.root, ds.image_root) if x))
+
+
+def tree_fingerprint(path: Path) -> str | None:
+    """What identifies a user's file or directory without reading its bytes (a COCO image directory is
+    13 GB): the digest of the sorted (relative path, size in bytes, mtime in ns) of every file under it, the
+    signals DVC's own state cache trusts; ``None`` when absent. A touch makes it stale (the safe side)."""
+    if path.is_file():
+        st = path.stat()
+        return f"stat:{st.st_size}:{st.st_mtime_ns}"
+    if not path.is_dir():
+        return None
+    rows = []
+    for top, _, files in os.walk(path, followlinks=True):
+        for f in files:
+            st = os.stat(os.path.join(top, f))
+            rows.append((Path(top, f).relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+    return f"tree:{len(rows)}:{digest(sorted(rows))}"
+
+
 def fingerprint(path: Path) -> str | None:
     """What identifies the content of an output: a shard set's manifest key (only when committed and
     complete), a prepared dataset's or export's record file sha256, a file's sha256; ``None`` when absent."""
@@ -429,9 +455,12 @@ def stage_key(name: str, params: Params) -> tuple[str, dict[str, str | None]]:
     """The key of stage ``name`` today (code, declared params, input fingerprints) and those fingerprints."""
     s = get(name)
     inputs = {t: fingerprint(_input_path(t, params)) for t in s.bound_inputs(params)}
-    key = digest({"stage": s.name, "code": s.code_version(), "params": {p: param_value(params, p) for p in s.params},
-                  "inputs": inputs})
-    return key, inputs
+    keyed: dict[str, Any] = {"stage": s.name, "code": s.code_version(),
+                             "params": {p: param_value(params, p) for p in s.params}, "inputs": inputs}
+    user = s.reads(params) if s.reads is not None else ()
+    if user:  # only then: the keys of stages that read no user files stay what they were
+        keyed["user_files"] = {f: tree_fingerprint(Path(f)) for f in user}
+    return digest(keyed), inputs
 
 
 def _outputs(s: StageDef, params: Params, result: Path | None) -> dict[str, str | None]:
@@ -449,8 +478,6 @@ def status(name: str, params: Params) -> StageStatus:
     if missing and not s.partial:
         return StageStatus(name, False, f"input {resolve(missing[0], params)} is missing (run {producer(missing[0])})", key,
                            tuple(missing))
-    if s.always is not None and s.always(params):
-        return StageStatus(name, False, "always rerun (reads user files)", key)
     rec = read_record(s, params)
     if rec is None:
         return StageStatus(name, False, "never run (no record)", key)

@@ -55,6 +55,39 @@ def test_upstream_rerun_with_the_same_bytes_keeps_downstream_current(tmp_path: P
     assert dataset.stat().st_mtime_ns != before[1] and dataset.read_bytes() == before[0]
 
 
+def test_real_data_prepare_is_current_until_its_user_files_change(tmp_path: Path) -> None:
+    """A real dataset's `prepare` keys on its user files (root, image_root: relative path, size, mtime of
+    every file), so a second run is a hit; an edited annotation or an added image makes it stale, restoring
+    the file makes it current again; `dvc_yaml(params)` makes the same paths deps of `prepare`."""
+    import os
+
+    from fixtures import formats
+
+    from grounding.dvcgen import dvc_yaml
+
+    fx = formats.make_refcoco(tmp_path / "fixture")
+    p = C.load(str(ROOT / "params.yaml"), [*_sets(tmp_path), "dataset.format=refcoco", "dataset.name=mini",
+                                           f"dataset.root={fx['root']}", f"dataset.image_root={fx['image_root']}",
+                                           "dataset.options.dataset=refcoco", "dataset.options.split_by=unc"])
+    first = stages.run("prepare", p)
+    assert not first.hit and stages.run("prepare", p).hit
+    instances = fx["root"] / "refcoco" / "instances.json"
+    before, st = instances.read_bytes(), instances.stat()
+    instances.write_bytes(before.replace(b'"area"', b'"area" ', 1))
+    assert stages.status("prepare", p).reason == "code, params or inputs changed"
+    instances.write_bytes(before)
+    os.utime(instances, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert stages.status("prepare", p).current
+    extra = fx["image_root"] / "COCO_train2014_000000000099.jpg"
+    shutil.copyfile(next(fx["image_root"].iterdir()), extra)
+    assert not stages.status("prepare", p).current
+    extra.unlink()
+    assert stages.status("prepare", p).current
+    prepare = dvc_yaml(p).split("\n  prepare:\n", 1)[1].split("\n    params:", 1)[0]
+    assert f"    - {fx['root']}" in prepare.splitlines() and f"    - {fx['image_root']}" in prepare.splitlines()
+    assert str(fx["root"]) not in dvc_yaml() and dvc_yaml(C.load(str(ROOT / "params.yaml"))) == dvc_yaml()
+
+
 def test_cli_status_reports_without_running(tmp_path: Path) -> None:
     sets = [f"--set={s}" for s in _sets(tmp_path)]
     res = CliRunner().invoke(app, ["status", "prepare", "gt-boxes", *sets])

@@ -66,7 +66,7 @@ repro: $(STAMP)
 # The box-regressing students on a 4x larger synthetic set (1000 images, generator seed 1; YOLO bootstrap
 # 10 epochs, the same compute as 40 on 240 images), 16-px token grid, 30 epochs, the other budgets as
 # make demo-full (params-full.yaml: its teachers, e.g. the 300-step CLIP bootstrap): the README "Students
-# at 4x data" table. About 70 min on 2 cores; set-up as for `make demo`.
+# at 4x data" table. Over an hour on 2 cores (the rec-pseudo line, RefCLIP chain included, 73 min); set-up as for `make demo`.
 SET_1K   = $$($(PY) -m grounding.overlay params-full.yaml) --set progress=false --set dataset.name=synthetic-1k \
            --set dataset.synthetic.n_images=1000 --set dataset.synthetic.seed=1 --set teachers.yolo.bootstrap.epochs=10
 TRUNK_1K = --set students.$(1).visual_stride=16 --set students.$(1).epochs=30 --set "students.$(1).lr_drop=[27]"

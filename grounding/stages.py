@@ -36,7 +36,7 @@ from types import NoneType
 from typing import Any, Callable, Iterable, NamedTuple, get_args
 
 from grounding.codeset import code_set, files_version
-from grounding.config import ConfigError, Params
+from grounding.config import ConfigError, DatasetParams, Params
 from grounding.shards.keys import digest, file_sha256
 from grounding.shards.manifest import atomic_write_bytes
 
@@ -379,7 +379,7 @@ def param_value(params: Params, dotted: str) -> Any:
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
-def dataset_files(ds: Any) -> tuple[str, ...]:
+def dataset_files(ds: DatasetParams) -> tuple[str, ...]:
     """The user's files a ``dataset`` section makes ``prepare`` read: ``root`` and ``image_root`` (files or
     directories, as given); none for the synthetic generator."""
     if ds.format == "synthetic":

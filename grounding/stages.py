@@ -143,6 +143,16 @@ def _boot(teacher: str) -> str:
     return f"{{models}}/bootstrap/{teacher}/{{dataset}}.pt"
 
 
+def _local(*dotted: str) -> Callable[[Params], tuple[str, ...]]:
+    """``reads`` of a stage whose params name local files or directories (word vectors, a BERT directory,
+    backbone weights, a public checkpoint): the values set, in order."""
+    return lambda p: tuple(str(v) for v in (param_value(p, d) for d in dotted) if v)
+
+
+def _trunk_files(section: str) -> Callable[[Params], tuple[str, ...]]:
+    return _local(f"{section}.backbone_weights", f"{section}.bert_path")
+
+
 def _shards(path: str) -> tuple[Out, ...]:
     return (Out(path),)
 
@@ -198,12 +208,14 @@ _DECLARED: tuple[StageDef, ...] = (
              "grounding.refclip.train:run_refclip_train", (PREP, _from("refclip.anchors_from")),
              ("seed", "refclip", "train"),
              (*_model("{models}/refclip/{dataset}.pt"),
-              Out("{metrics}/refclip-train-curve.json", "plots", cache=False, x="epoch", y="loss"))),
+              Out("{metrics}/refclip-train-curve.json", "plots", cache=False, x="epoch", y="loss")),
+             reads=_local("refclip.word_vectors")),
     StageDef("refclip-pseudo", "RefCLIP pseudo-box per sentence + Acc@0.5 (data/metrics/refclip.json)",
              "grounding.refclip.pseudo:run_refclip_pseudo",
              (PREP, _from("refclip.anchors_from"), "{models}/refclip/{dataset}.pt"),
              ("refclip.anchors_from", "refclip.checkpoint", "refclip.vocab_from", "shards"),
-             (Out(_t("refclip-pseudo")), Out("{metrics}/refclip.json", "metrics", cache=False))),
+             (Out(_t("refclip-pseudo")), Out("{metrics}/refclip.json", "metrics", cache=False)),
+             reads=_local("refclip.checkpoint", "refclip.vocab_from")),
     StageDef("refclip-export", "pseudo-labels as files SimREC, RefCLIP or TransVG loaders read as is",
              "grounding.refclip.export:run_refclip_export", (PREP, _t("refclip-pseudo")),
              ("refclip.export_format", "refclip.export_layout", "refclip.transvg_dataset"),
@@ -232,19 +244,22 @@ _DECLARED: tuple[StageDef, ...] = (
     # REC students (issue 9) and weakly supervised grounding students (issue 10): read teacher shard sets only
     StageDef("student-rec-pseudo", "REC student (TransVG-style) taught by RefCLIP pseudo-boxes, random resize + EMA",
              "grounding.students.rec:run_student_rec_pseudo", (PREP, _from("students.rec.pseudo_from")),
-             ("seed", "students.rec", "train", "shards"), _student("student-rec-pseudo")),
+             ("seed", "students.rec", "train", "shards"), _student("student-rec-pseudo"),
+             reads=_trunk_files("students.rec")),
     StageDef("student-epmvg", "EpmVG: REC student on GT + distillation from the cached CLIP image/text embeddings",
              "grounding.students.epmvg:run_student_epmvg",
              (PREP, _from("students.epmvg.image_from"), _from("students.epmvg.text_from")),
-             ("seed", "students.epmvg", "train", "shards"), _student("student-epmvg")),
+             ("seed", "students.epmvg", "train", "shards"), _student("student-epmvg"),
+             reads=_trunk_files("students.epmvg")),
     StageDef("student-pbrec", "PBREC: point head on the REC trunk ranking the cached FCOS P5 points",
              "grounding.students.pbrec:run_student_pbrec", (PREP, _from("students.pbrec.points_from")),
-             ("seed", "students.pbrec", "train", "shards"), _student("student-pbrec")),
+             ("seed", "students.pbrec", "train", "shards"), _student("student-pbrec"),
+             reads=_trunk_files("students.pbrec")),
     StageDef("student-nce-distill", "NCE+Distill: region-phrase NCE + WordNet/detector soft-target distillation",
              "grounding.students.nce_distill:run_student_nce_distill",
              (PREP, _from("students.nce_distill.proposals_from"), _from("students.nce_distill.labels_from")),
              ("seed", "students.nce_distill", "shards"),
-             _student("student-nce-distill", x="step")),
+             _student("student-nce-distill", x="step"), reads=_local("students.nce_distill.glove_path")),
     StageDef("student-bicm", "BiCM from caches: COM (crop/class-query cosines) + QAM fusion + KAM MLP",
              "grounding.students.bicm:run_student_bicm",
              (PREP, _from("students.bicm.proposals_from"),

@@ -88,6 +88,22 @@ def test_real_data_prepare_is_current_until_its_user_files_change(tmp_path: Path
     assert str(fx["root"]) not in dvc_yaml() and dvc_yaml(C.load(str(ROOT / "params.yaml"))) == dvc_yaml()
 
 
+@pytest.mark.parametrize("stage, param", [("refclip-train", "refclip.word_vectors"),
+                                          ("refclip-pseudo", "refclip.checkpoint"),
+                                          ("student-epmvg", "students.epmvg.bert_path"),
+                                          ("student-rec-pseudo", "students.rec.backbone_weights"),
+                                          ("student-nce-distill", "students.nce_distill.glove_path")])
+def test_a_local_file_named_by_a_param_is_in_the_key(tmp_path: Path, stage: str, param: str) -> None:
+    """Editing in place a file a param names (same path, so the same params) makes the stage's key change."""
+    f = tmp_path / "local.bin"
+    f.write_bytes(b"first")
+    p = C.load(str(ROOT / "params.yaml"), [*_sets(tmp_path), f"{param}={f}"])
+    before, _ = stages.stage_key(stage, p)
+    assert before != stages.stage_key(stage, C.load(str(ROOT / "params.yaml"), _sets(tmp_path)))[0]
+    f.write_bytes(b"second, longer")
+    assert stages.stage_key(stage, p)[0] != before
+
+
 def test_cli_status_reports_without_running(tmp_path: Path) -> None:
     sets = [f"--set={s}" for s in _sets(tmp_path)]
     res = CliRunner().invoke(app, ["status", "prepare", "gt-boxes", *sets])
